@@ -1,0 +1,87 @@
+"""Normalisation layers: RMSNorm and the gated RMSNorm of Mamba-2.
+
+x: [..., d] -> y: [..., d]; statistics are computed in fp32 and cast back to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight, in fp32; x: [..., d], weight: [d] or None."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019).
+
+    d: normalised width; eps: added to the mean square; weight: learned scale (False gives the
+    weightless norm Falcon Mamba applies to dt, B and C).
+    """
+
+    def __init__(self, d: int, eps: float = 1e-5, weight: bool = True, device=None, dtype=None):
+        super().__init__()
+        if d <= 0:
+            raise ValueError(f"RMSNorm width d={d} must be positive")
+        self.d, self.eps = d, eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d:
+            raise ValueError(f"RMSNorm expects last dimension {self.d}, got input of shape {tuple(x.shape)}")
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.d}, eps={self.eps}, weight={self.weight is not None}"
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                   group_size: int | None = None, norm_before_gate: bool = False) -> torch.Tensor:
+    """Mamba-2's output norm: RMSNorm(x * silu(z)) (or RMSNorm(x) * silu(z) when norm_before_gate),
+    with statistics taken over groups of `group_size` channels (ngroups groups of d / ngroups).
+
+    x, z: [..., d]; weight: [d].
+    """
+    d = x.shape[-1]
+    group_size = group_size or d
+    if d % group_size:
+        raise ValueError(f"gated RMSNorm group_size={group_size} must divide the width {d}")
+    xf = x.float()
+    if z is not None and not norm_before_gate:
+        xf = xf * nn.functional.silu(z.float())
+    xg = xf.unflatten(-1, (d // group_size, group_size))
+    y = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    if weight is not None:
+        y = y * weight.float()
+    if z is not None and norm_before_gate:
+        y = y * nn.functional.silu(z.float())
+    return y.to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y * silu(z), grouped (Mamba-2, Dao & Gu 2024, section 7).
+
+    d: width; group_size: channels per normalisation group (d // ngroups); norm_before_gate:
+    normalise first, then gate (False in every published Mamba-2 checkpoint).
+    """
+
+    def __init__(self, d: int, eps: float = 1e-5, group_size: int | None = None,
+                 norm_before_gate: bool = False, device=None, dtype=None):
+        super().__init__()
+        group_size = group_size or d
+        if d % group_size:
+            raise ValueError(f"GatedRMSNorm: group_size={group_size} must divide d={d} "
+                             f"(set ngroups so that d_ssm / ngroups is whole)")
+        self.d, self.eps, self.group_size, self.norm_before_gate = d, eps, group_size, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        return gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
+
+    def extra_repr(self) -> str:
+        return f"{self.d}, eps={self.eps}, group_size={self.group_size}, norm_before_gate={self.norm_before_gate}"
