@@ -195,8 +195,8 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
 def load_run_config(source: str | dict, overrides: list[str] | dict | None = None) -> RunConfig:
     """Read a run config (path or dict), apply dotted overrides, check every key.
 
-    The model section stays as given (a dict, or a path string); `model.*` overrides on a path are
-    applied by loading that YAML into a dict first, so the run records the model it trained.
+    The model section stays as given (a dict, or a path string); `model.*` overrides are applied
+    with the layout language's rules (zoo.layout.apply_overrides), loading a path into a dict first.
     """
     where = f"{source}: " if isinstance(source, str) else ""
     data = read_yaml(source) if isinstance(source, str) else copy.deepcopy(source)
@@ -222,21 +222,25 @@ def load_run_config(source: str | dict, overrides: list[str] | dict | None = Non
                           f"{{name: mqar, vocab_size: 256, seq_len: 128, num_pairs: 16}}")
     trainer = dict(data.get("trainer") or {})
 
+    model_overrides = {}
     for key, value in ov.items():
         head, _, rest = key.partition(".")
         if head not in TOP_LEVEL_KEYS or not rest:
             raise ConfigError(f"--set {key}: the key must start with model., task. or trainer. "
                               f"(e.g. --set trainer.lr=3e-4)")
         if head == "model":
-            if isinstance(model, str):
-                model = load_model_yaml(model)
-            set_dotted(model, rest, value, where="--set model.")
+            model_overrides[rest] = value
         elif head == "task":
             set_dotted(task, rest, value, where="--set task.")
         else:
             if "." in rest:
                 raise _unknown_key("--set trainer.", rest, [f.name for f in dataclasses.fields(TrainerConfig)])
             trainer[rest] = value
+    if model_overrides:
+        # the layout language's own override rules (list indices, replacing the layout form)
+        from zoo.layout import apply_overrides
+        model = apply_overrides(load_model_yaml(model) if isinstance(model, str) else model, model_overrides,
+                                source=model if isinstance(model, str) else None)
     return RunConfig(model=model, task=task, trainer=trainer_from_dict(trainer, where=where),
                      source=source if isinstance(source, str) else None)
 
@@ -252,6 +256,10 @@ def resolve_model_path(path: str, base_dir: str) -> str:
             return cand
         if os.path.isfile(cand + ".yaml"):
             return cand + ".yaml"
+    from zoo.layout import resolve_config_path        # bare names: configs/models/{,tiny/}NAME.yaml
+    found = resolve_config_path(path)
+    if os.path.isfile(found):
+        return found
     raise ConfigError(f"model: {path!r} is not a file (looked in the working directory, next to the run "
                       f"config and in configs/models/); give a path to a model YAML or an inline dict")
 

@@ -18,6 +18,7 @@ the Mamba reference training recipes.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -84,32 +85,27 @@ def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, reduction:
 
 def model_config_for_task(model_cfg: Any, task) -> dict:
     """The model config dict with what the task decides filled in where the config leaves it unset:
-    vocab_size (lm), num_classes / image_size / channels (classify), and the longest sequence for
-    models with learned positions."""
-    cfg = load_model_yaml(model_cfg) if isinstance(model_cfg, str) else json.loads(json.dumps(model_cfg))
+    vocab_size (lm); model kind and image.{num_classes, image_size, in_channels} (classify)."""
+    cfg = load_model_yaml(model_cfg) if isinstance(model_cfg, str) else copy.deepcopy(model_cfg)
     if task.kind == "lm":
-        _fill(cfg, "vocab_size", task.vocab_size)
-        longest = max(task.seq_len or 0, getattr(task, "eval_seq_len", None) or 0)
-        if longest and cfg.get("max_seq_len", "unset") is None:
-            cfg["max_seq_len"] = longest
-    else:
-        _fill(cfg, "num_classes", task.num_classes)
-        _fill(cfg, "image_size", task.image_size)
-        _fill(cfg, "channels", task.channels)
+        if cfg.get("vocab_size") is None:
+            cfg["vocab_size"] = task.vocab_size
+        elif cfg["vocab_size"] < task.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg['vocab_size']} is smaller than the task's vocab_size="
+                              f"{task.vocab_size}: remove model.vocab_size (the task sets it) or raise it")
+        return cfg
+    cfg.setdefault("model", "image_classifier")
+    image = cfg.setdefault("image", {})
+    for key, value in (("num_classes", task.num_classes), ("image_size", task.image_size),
+                       ("in_channels", task.channels)):
+        if value is None:
+            continue
+        if image.get(key) is None:
+            image[key] = value
+        elif image[key] != value:
+            raise ConfigError(f"model.image.{key}={image[key]} differs from the task's {value}: remove "
+                              f"model.image.{key} (the task sets it) or make them agree")
     return cfg
-
-
-def _fill(cfg: dict, key: str, value) -> None:
-    if value is None:
-        return
-    if cfg.get(key) is None:
-        cfg[key] = value
-    elif cfg[key] < value and key == "vocab_size":
-        raise ConfigError(f"model.vocab_size={cfg[key]} is smaller than the task's vocab_size={value}: "
-                          f"remove model.vocab_size (the task sets it) or make it >= {value}")
-    elif cfg[key] != value and key != "vocab_size":
-        raise ConfigError(f"model.{key}={cfg[key]} differs from the task's {key}={value}: remove "
-                          f"model.{key} (the task sets it) or make them agree")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
