@@ -87,7 +87,8 @@ def _chunk_cumsum_bwd_kernel(
     pos = pid_c * chunk_size + offs_s
     valid = (offs_s[:, None] < chunk_size) & (pos[:, None] < seqlen) & (offs_h[None, :] < nheads)
     inter = pid_b * s_o_b + offs_h[None, :] * s_o_h + pid_c * s_o_c + offs_s[:, None]
-    dda = tl.load(dda_ptr + inter, mask=valid, other=0.0)
+    # all chunk_size positions: the padded tail holds the chunk total's gradient at its end
+    dda = tl.load(dda_ptr + inter, mask=(offs_s[:, None] < chunk_size) & (offs_h[None, :] < nheads), other=0.0)
     # dA_cs[s] = sum_{r <= s} dA[r]: the gradient of dA[r] is the reverse cumsum of dda
     ddA = tl.sum(dda, axis=0)[None, :] - tl.cumsum(dda, axis=0) + dda
     dt_used = tl.load(dt_out_ptr + inter, mask=valid, other=0.0)
