@@ -1,0 +1,205 @@
+"""Mamba-1 mixer (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"),
+parameter-compatible with mamba_ssm's Mamba (and, with inner norms, Jamba's and Falcon Mamba's
+mixers), with an inference state that continues for any number of new tokens.
+
+x: [batch, seqlen, d_model] -> y: [batch, seqlen, d_model]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.backend import resolve_backend
+from kernels.causal_conv1d import causal_conv1d
+from kernels.selective_scan import selective_scan_fn
+
+from .norm import RMSNorm
+
+INNER_NORMS = (None, "learned", "weightless")
+DT_INITS = ("random", "constant")
+
+
+@dataclass
+class MambaState:
+    """What a Mamba layer carries between calls; updated in place by forward.
+
+    conv_state: [batch, d_inner, d_conv - 1], the last inputs of the causal conv (layer dtype).
+    ssm_state:  [batch, d_inner, d_state], the selective-scan state (float32; float64 for float64 layers).
+    """
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """The scan's parameters in float32 whatever the layer dtype (float64 layers stay float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"Mamba: {name}={value!r} must be a positive integer")
+
+
+class Mamba(nn.Module):
+    """Mamba-1 mixer: input projection to (x, z), short causal conv + silu on x, input-dependent
+    dt, B, C from x_proj, selective scan with a diagonal A per channel, gate silu(z), output projection.
+
+    d_model: model width. d_state: SSM state size per channel (N). d_conv: causal conv width.
+    expand: d_inner = expand * d_model. dt_rank: width of the low-rank dt projection ("auto" =
+      ceil(d_model / 16)).
+    dt_min, dt_max, dt_init_floor: dt_proj.bias is initialised so softplus(bias) is log-uniform in
+      [dt_min, dt_max] (at least dt_init_floor). dt_init: "random" (dt_proj.weight ~ uniform(+-s)) or
+      "constant" (all s), with s = dt_rank^-0.5 * dt_scale.
+    conv_bias: bias on conv1d. bias: biases on in_proj and out_proj.
+    inner_norms: None, "learned" (Jamba: RMSNorm with weights on dt, B and C after x_proj) or
+      "weightless" (Falcon Mamba: the same norms without weights). norm_eps: their epsilon.
+    backend: kernel backend ("auto" | "reference" | "fused"; None follows HYBRID_ZOO_KERNELS).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False, inner_norms: str | None = None,
+                 norm_eps: float = 1e-6, backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+            _positive_int(name, value)
+        d_inner = expand * d_model if isinstance(expand, (int, float)) and not isinstance(expand, bool) else None
+        if d_inner is None or expand <= 0 or d_inner != int(d_inner):
+            raise ValueError(f"Mamba: expand={expand!r} must be a positive number making expand * d_model "
+                             f"a whole number (d_model={d_model})")
+        d_inner = int(d_inner)
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        elif not isinstance(dt_rank, int) or isinstance(dt_rank, bool) or dt_rank <= 0:
+            raise ValueError(f"Mamba: dt_rank={dt_rank!r} must be a positive integer or 'auto' "
+                             f"(= ceil(d_model / 16))")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_init not in DT_INITS:
+            raise ValueError(f"Mamba: dt_init={dt_init!r} must be one of {', '.join(DT_INITS)}")
+        if not dt_scale > 0:
+            raise ValueError(f"Mamba: dt_scale={dt_scale!r} must be positive (it scales dt_proj's init)")
+        if dt_init_floor < 0:
+            raise ValueError(f"Mamba: dt_init_floor={dt_init_floor!r} must be >= 0")
+        if inner_norms not in INNER_NORMS:
+            raise ValueError(f"Mamba: inner_norms={inner_norms!r} must be null, 'learned' (Jamba) or "
+                             f"'weightless' (Falcon Mamba)")
+        if not norm_eps > 0:
+            raise ValueError(f"Mamba: norm_eps={norm_eps!r} must be positive")
+        if backend is not None:
+            resolve_backend(backend)
+
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner, self.dt_rank = d_inner, dt_rank
+        self.dt_min, self.dt_max, self.dt_init, self.dt_scale = dt_min, dt_max, dt_init, dt_scale
+        self.dt_init_floor, self.inner_norms, self.backend = dt_init_floor, inner_norms, backend
+
+        factory = dict(device=device, dtype=dtype)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias, **factory)         # -> x | z
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory)  # -> dt | B | C
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
+        if inner_norms is not None:
+            learned = inner_norms == "learned"
+            self.dt_layernorm = RMSNorm(dt_rank, eps=norm_eps, weight=learned, **factory)
+            self.b_layernorm = RMSNorm(d_state, eps=norm_eps, weight=learned, **factory)
+            self.c_layernorm = RMSNorm(d_state, eps=norm_eps, weight=learned, **factory)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state, **factory))
+        self.D = nn.Parameter(torch.empty(d_inner, **factory))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
+        for p in (self.A_log, self.D, self.dt_proj.bias):
+            p._no_weight_decay = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init: default nn.Linear / nn.Conv1d init for in_proj, conv1d, x_proj,
+        out_proj; dt_proj.weight ~ uniform(+-s) ("random") or = s ("constant"), s = dt_rank^-0.5 *
+        dt_scale; dt_proj.bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] floored at
+        dt_init_floor; A_log[d, n] = log(n + 1) (S4D-real: A = -(1, 2, ..., d_state) per channel);
+        D = 1; inner norm weights = 1."""
+        for module in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
+            module.reset_parameters()
+        std = self.dt_rank ** -0.5 * self.dt_scale
+        if self.dt_init == "constant":
+            self.dt_proj.weight.fill_(std)
+        else:
+            self.dt_proj.weight.uniform_(-std, std)
+        device = self.A_log.device
+        log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
+        dt = torch.exp(torch.rand(self.d_inner, device=device) * (log_hi - log_lo) + log_lo)
+        dt = dt.clamp(min=self.dt_init_floor)
+        # inverse of softplus: dt + log(1 - exp(-dt)), so that softplus(bias) == dt
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, self.d_state))
+        self.D.fill_(1.0)
+        if self.inner_norms == "learned":
+            for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
+                norm.weight.fill_(1.0)
+
+    def init_state(self, batch_size: int, *, dtype=None, device=None, **unused) -> MambaState:
+        """A zero state for `batch_size` sequences. Other keywords (such as attention's maximum
+        length) are accepted and ignored: a Mamba state has a fixed size."""
+        _positive_int("batch_size", batch_size)
+        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.in_proj.weight.device
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return MambaState(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, dtype=dtype, device=device),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, dtype=ssm_dtype, device=device))
+
+    def forward(self, x: torch.Tensor, *, state: MambaState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x [batch, seqlen, d_model] -> y [batch, seqlen, d_model].
+
+        state: continue from it (any number of tokens) and update it in place. seq_idx: int32
+        [batch, seqlen] document ids; with a state, the state continues the first token's document
+        and ends as the last token's.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba: x must be [batch, seqlen, d_model={self.d_model}], got {tuple(x.shape)}")
+        xs, z = self.in_proj(x).chunk(2, dim=-1)                             # [b, l, d_inner] each
+        return self.out_proj(self.ssm(xs, z, state=state, seq_idx=seq_idx))
+
+    def ssm(self, xs: torch.Tensor, z: torch.Tensor | None, *, state: MambaState | None = None,
+            seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything between in_proj and out_proj: xs, z [batch, seqlen, d_inner] -> y [batch,
+        seqlen, d_inner] (conv, x_proj, dt_proj, scan, gate silu(z); no gate when z is None).
+        Separate so that a bidirectional wrapper can share in_proj and out_proj across directions."""
+        batch, seqlen, _ = xs.shape
+        if state is not None and state.ssm_state.shape != (batch, self.d_inner, self.d_state):
+            raise ValueError(f"Mamba: state has shape {tuple(state.ssm_state.shape)} but this input needs "
+                             f"[batch={batch}, d_inner={self.d_inner}, d_state={self.d_state}]; "
+                             f"call init_state({batch})")
+        xs = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                           conv_state=None if state is None else state.conv_state, seq_idx=seq_idx,
+                           backend=self.backend)                              # [b, l, d_inner]
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norms is not None:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        # dt_proj without its bias: the bias goes into the scan as delta_bias, added before softplus
+        dt = F.linear(dt, self.dt_proj.weight)                                # [b, l, d_inner]
+        A = -torch.exp(_fp32(self.A_log))                                     # [d_inner, d_state], < 0
+        out = selective_scan_fn(
+            xs.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+            D=_fp32(self.D), z=None if z is None else z.transpose(1, 2),
+            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+            return_last_state=state is not None,
+            initial_state=None if state is None else state.ssm_state, seq_idx=seq_idx,
+            backend=self.backend)                                             # [b, d_inner, l]
+        if state is not None:
+            out, last_state = out
+            state.ssm_state.copy_(last_state)
+        return out.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
+                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, inner_norms={self.inner_norms}")
