@@ -103,16 +103,19 @@ class SharedBlock(nn.Module):
                                            where=f"shared.{name}.blocks.{j}", source=source))
         if width_in != d_model:
             self._narrow_output(self.blocks[0], d_model, device, dtype, name)
-        # LoRA: forward hooks on the shared linears add the active site's adapter (set per call)
+        # LoRA: forward hooks on the shared linears add the active site's adapter output (set per call)
         self._active_lora = None
         self.lora_targets = {}          # adapter key -> (in_features, out_features)
         if spec["lora_rank"]:
             for j, block in enumerate(self.blocks):
-                for proj in self._lora_projections(block, spec["lora_targets"]):
-                    key = f"blocks_{j}_{proj}"
-                    linear = getattr(block, proj)
-                    self.lora_targets[key] = (linear.in_features, linear.out_features)
-                    linear.register_forward_hook(self._make_lora_hook(key))
+                for key, projs in self._lora_groups(j, block, spec["lora_targets"]).items():
+                    linears = [getattr(block, p) for p in projs]
+                    self.lora_targets[key] = (linears[0].in_features, sum(l.out_features for l in linears))
+                    start = 0
+                    for linear in linears:
+                        end = start + linear.out_features
+                        linear.register_forward_hook(self._make_lora_hook(key, start, end))
+                        start = end
 
     @staticmethod
     def _narrow_output(block: nn.Module, d_model: int, device, dtype, name: str) -> None:
@@ -121,25 +124,30 @@ class SharedBlock(nn.Module):
             if isinstance(old, nn.Linear):
                 setattr(block, proj, nn.Linear(old.in_features, d_model, bias=old.bias is not None,
                                                device=device, dtype=dtype))
+                block.reset_parameters()        # the layer's own init covers the new projection
                 return
         raise LayoutError(f"shared.{name}: the first sublayer of a concat_embeddings block reads 2 * d_model "
                           f"and must end in an out_proj / o_proj / down_proj that can map back to d_model")
 
     @staticmethod
-    def _lora_projections(block: nn.Module, targets) -> list[str]:
-        names = []
+    def _lora_groups(j: int, block: nn.Module, targets) -> dict[str, list[str]]:
+        """Adapter key -> the projections one adapter feeds. As Zamba2: one adapter for the MLP's
+        gate and up projections together (B's output split between them), one per q, k, v."""
+        groups = {}
         if "qkv" in targets and hasattr(block, "q_proj"):
-            names += ["q_proj", "k_proj", "v_proj"]
-        if "mlp" in targets and hasattr(block, "up_proj") and not hasattr(block, "q_proj"):
-            names += (["gate_proj"] if isinstance(getattr(block, "gate_proj", None), nn.Linear) else []) + ["up_proj"]
-        return names
+            for p in ("q_proj", "k_proj", "v_proj"):
+                groups[f"blocks_{j}_{p}"] = [p]
+        if "mlp" in targets and isinstance(getattr(block, "up_proj", None), nn.Linear):
+            gate = ["gate_proj"] if isinstance(getattr(block, "gate_proj", None), nn.Linear) else []
+            groups[f"blocks_{j}_mlp"] = gate + ["up_proj"]
+        return groups
 
-    def _make_lora_hook(self, key: str):
+    def _make_lora_hook(self, key: str, start: int, end: int):
         def hook(module, args, output):
             adapters = self._active_lora
             if adapters is None or key not in adapters:
                 return output
-            return output + adapters[key](args[0])
+            return output + adapters[key](args[0])[..., start:end]
         return hook
 
     def forward(self, x_in, *, states=None, seq_idx=None, lora=None):
