@@ -34,6 +34,13 @@ _NO_LIMIT = (0.0, math.inf)
 DETERMINISTIC_ENV = "HYBRID_ZOO_DETERMINISTIC"
 # the backward keeps a [headdim, d_state] tile of the state gradient in registers
 MAX_HEADDIM, MAX_DSTATE = 256, 256
+# dtype of the states entering each chunk (saved for the backward): float32, or the inputs' dtype
+# (half the bytes; the kernels read them into the inputs' dtype for the dots anyway)
+STATES_IN_FP32 = True
+
+
+def _states_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if STATES_IN_FP32 else x.dtype
 
 
 def available() -> bool:
@@ -65,12 +72,12 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
     """Returns out [b, l, h, p], final_states float32 [b, h, p, n], and what the backward reuses:
-    dt_out, dA_cs [b, h, nchunks, chunk_size], states_in [b, nchunks, h, p, n] float32, y (the
+    dt_out, dA_cs [b, h, nchunks, chunk_size], states_in [b, nchunks, h, p, n], y (the
     output before the gate; empty without z)."""
     dt_out, dA_cs = chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)
     states = chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True)
     states_in, final = state_passing_fwd(states, dA_cs, initial_states, seq_idx, chunk_size, x.shape[1],
-                                         torch.float32)
+                                         _states_dtype(x))
     CB = bmm_chunk(C, B, chunk_size)
     out, y = chunk_scan_fwd(x, z, C, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size)
     return out, final, dt_out, dA_cs, states_in, (y if y is not None else _empty(x))
@@ -120,7 +127,7 @@ if _HAVE_TRITON:
         return (torch.empty_like(x), x.new_empty(batch, nheads, headdim, dstate, dtype=torch.float32),
                 torch.empty(batch, nheads, nchunks, chunk_size, **f32),
                 torch.empty(batch, nheads, nchunks, chunk_size, **f32),
-                torch.empty(batch, nchunks, nheads, headdim, dstate, **f32),
+                torch.empty(batch, nchunks, nheads, headdim, dstate, device=x.device, dtype=_states_dtype(x)),
                 torch.empty_like(x) if z is not None else x.new_empty(0))
 
     @torch.library.custom_op("hybrid_zoo::ssd_chunk_scan_bwd", mutates_args=())

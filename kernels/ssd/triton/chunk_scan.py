@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+# launch parameters (benchmarks/ssd.py sweeps them); block_p/block_n are capped by headdim/d_state
+CONFIG = dict(block_t=64, block_p=64, block_n=128, num_warps=4, num_stages=2)
+
 
 @triton.jit
 def _chunk_scan_fwd_kernel(
@@ -109,9 +112,10 @@ def chunk_scan_fwd(x, z, C, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size
     nchunks = dt_out.shape[2]
     out = torch.empty_like(x)
     y = torch.empty_like(x) if z is not None else None
-    block_t = max(16, min(64, triton.next_power_of_2(chunk_size)))
-    block_p = max(16, min(64, triton.next_power_of_2(headdim)))
-    block_n = max(16, min(128, triton.next_power_of_2(dstate)))
+    cfg = CONFIG
+    block_t = max(16, min(cfg["block_t"], triton.next_power_of_2(chunk_size)))
+    block_p = max(16, min(cfg["block_p"], triton.next_power_of_2(headdim)))
+    block_n = max(16, min(cfg["block_n"], triton.next_power_of_2(dstate)))
     grid = (batch * nchunks * nheads, triton.cdiv(chunk_size, block_t), triton.cdiv(headdim, block_p))
     sq = seq_idx if seq_idx is not None else dt_out
     _chunk_scan_fwd_kernel[grid](
@@ -126,6 +130,6 @@ def chunk_scan_fwd(x, z, C, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_T=block_t, BLOCK_S=block_t, BLOCK_P=block_p, BLOCK_N=block_n,
-        num_warps=4, num_stages=2,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, y

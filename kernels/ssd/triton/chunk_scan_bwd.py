@@ -21,6 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+# launch parameters of the two in-chunk backward kernels (benchmarks/ssd.py sweeps them);
+# num_warps None: 8 for [headdim, d_state] tiles of 128 x 128 and more, else 4
+CONFIG = dict(block=64, num_warps=None, num_stages=1, min_programs=1024)
+
 
 @triton.jit
 def _gate_bwd_kernel(dout_ptr, z_ptr, y_ptr, dy_ptr, dz_ptr, numel, BLOCK: tl.constexpr):
@@ -258,12 +262,12 @@ def _bwd_dc_kernel(
         tl.store(dC_out + pid_split * s_dC_split, dC_acc, mask=t_in[:, None] & n_in[None, :])
 
 
-def _heads_per_prog(batch, nchunks, nheads, ngroups, nblocks):
+def _heads_per_prog(batch, nchunks, nheads, ngroups, nblocks, min_programs):
     """Heads each program loops over: all heads of a group would need no partial dB/dC buffers,
     but leave too few programs to fill the GPU; split the group until there are enough."""
     per_group = nheads // ngroups
     hpp = per_group
-    while hpp > 1 and batch * nchunks * ngroups * (per_group // hpp) * nblocks < 1024:
+    while hpp > 1 and batch * nchunks * ngroups * (per_group // hpp) * nblocks < min_programs:
         hpp //= 2
         while per_group % hpp:
             hpp -= 1
@@ -281,9 +285,10 @@ def chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D, seq_id
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     nchunks = dt_out.shape[2]
-    block = max(16, min(64, triton.next_power_of_2(chunk_size)))
+    cfg = CONFIG
+    block = max(16, min(cfg["block"], triton.next_power_of_2(chunk_size)))
     nblocks = triton.cdiv(chunk_size, block)
-    hpp = _heads_per_prog(batch, nchunks, nheads, ngroups, nblocks)
+    hpp = _heads_per_prog(batch, nchunks, nheads, ngroups, nblocks, cfg["min_programs"])
     nsplit = (nheads // ngroups) // hpp
     atomic = not deterministic and nsplit > 1
     parts = 1 if atomic else nsplit
@@ -302,7 +307,7 @@ def chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D, seq_id
     common = (seqlen, nheads, ngroups, headdim, dstate, chunk_size, nchunks, hpp,
               *x.stride(), *B.stride(), *CB.stride(),
               dt_out.stride(0), dt_out.stride(1), dt_out.stride(2), *states_in.stride())
-    warps = 8 if block_p * block_n >= 128 * 128 else 4
+    warps = cfg["num_warps"] or (8 if block_p * block_n >= 128 * 128 else 4)
     dDp = dD if dD is not None else dx
     _bwd_dx_kernel[grid](
         x, dy, B, C, CB, dt_out, dA_cs, dstates, D if D is not None else x, sq,
@@ -311,13 +316,13 @@ def chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D, seq_id
         *dB.stride(), dDp.stride(0), dDp.stride(1), dDp.stride(2),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
         HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic,
-        BLOCK_S=block, BLOCK_T=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=1,
+        BLOCK_S=block, BLOCK_T=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"],
     )
     _bwd_dc_kernel[grid](
         x, dy, B, C, CB, dt_out, dA_cs, states_in, sq, dC, dda,
         *common, sq.stride(0), sq.stride(1), *dC.stride(),
         HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic,
-        BLOCK_T=block, BLOCK_S=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=1,
+        BLOCK_T=block, BLOCK_S=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"],
     )
     if dD is not None:
         dD = dD.sum((0, 1))

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+CONFIG = dict(block_p=64, block_n=128, block_s=64, num_warps=4, num_stages=2)
+
 
 @triton.jit
 def _chunk_state_kernel(
@@ -81,9 +83,10 @@ def chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True):
     ngroups, dstate = B.shape[2:]
     nchunks = dt_out.shape[2]
     out = torch.empty(batch, nchunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-    block_p = max(16, min(64, triton.next_power_of_2(headdim)))
-    block_n = max(16, min(128, triton.next_power_of_2(dstate)))
-    block_s = max(16, min(64, triton.next_power_of_2(chunk_size)))
+    cfg = CONFIG
+    block_p = max(16, min(cfg["block_p"], triton.next_power_of_2(headdim)))
+    block_n = max(16, min(cfg["block_n"], triton.next_power_of_2(dstate)))
+    block_s = max(16, min(cfg["block_s"], triton.next_power_of_2(chunk_size)))
     grid = (batch * nchunks * nheads, triton.cdiv(headdim, block_p), triton.cdiv(dstate, block_n))
     sq = seq_idx if seq_idx is not None else dt_out
     _chunk_state_kernel[grid](
@@ -95,6 +98,6 @@ def chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True):
         *out.stride(),
         TO_END=to_end, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_S=block_s,
-        num_warps=4, num_stages=2,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -1,0 +1,295 @@
+"""SSD chunk scan: correctness at real sizes and speed of the Triton kernels against the reference.
+
+    python benchmarks/ssd.py                 # check + time (CUDA); writes ssd.json to $OUT or .
+    python benchmarks/ssd.py --skip-check    # timings only
+    python benchmarks/ssd.py --sweep         # also sweep the kernels' launch parameters
+
+Check: bf16 inputs drawn at random, every intermediate and output allocated NaN-filled
+(torch.use_deterministic_algorithms + fill_uninitialized_memory), outputs / final states / all
+gradients against kernels.ssd.reference in float32 by relative error (bf16: 5e-3 outputs, 1e-2
+gradients); deterministic mode run twice must agree bitwise.
+
+Timing: medians of triton.testing.do_bench, bf16, D + dt_bias + softplus, no z (as Mamba2 calls it
+with its gated norm), chunk 256, the SSD rows of DESIGN.md section 5. TFLOP/s counts the matmul
+work of the chunked algorithm with causal halves counted as half:
+fwd = b * nchunks * (nheads * (4 Q P N + Q^2 P) + ngroups * Q^2 N), fwd+bwd = 3 x fwd.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kernels.ssd import fused  # noqa: E402
+from kernels.ssd.reference import mamba_chunk_scan_combined_ref  # noqa: E402
+from kernels.ssd.triton import chunk_scan, chunk_scan_bwd, chunk_state  # noqa: E402
+
+# mamba_ssm 2.3.2 on an H100 80GB (DESIGN.md section 5): forward, forward+backward in ms
+MAMBA_SSM_H100 = {
+    (8, 2048, 32, 64, 128, 1): (0.531, 3.793),
+    (2, 8192, 32, 64, 128, 1): (0.749, 4.426),
+    (8, 2048, 64, 64, 64, 8): (0.739, 4.088),
+}
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, *, dtype=torch.bfloat16, D_per_channel=False,
+                with_z=False, with_init=False, n_docs=0, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, device=device) * scale  # noqa: E731
+    args = dict(
+        x=rnd(batch, seqlen, nheads, headdim).to(dtype),
+        dt=(rnd(batch, seqlen, nheads) - 2.0).to(dtype),       # softplus(. + bias) ~ 0.1 .. 0.5
+        A=-torch.exp(rnd(nheads, scale=0.5)),
+        B=rnd(batch, seqlen, ngroups, dstate, scale=dstate ** -0.5).to(dtype),
+        C=rnd(batch, seqlen, ngroups, dstate, scale=dstate ** -0.5).to(dtype),
+        D=rnd(nheads, headdim) if D_per_channel else rnd(nheads),
+        dt_bias=rnd(nheads, scale=0.5),
+        z=rnd(batch, seqlen, nheads, headdim).to(dtype) if with_z else None,
+        initial_states=rnd(batch, nheads, headdim, dstate) if with_init else None,
+    )
+    seq_idx = None
+    if n_docs > 1:
+        cuts = torch.sort(torch.randperm(seqlen - 1, generator=g, device=device)[: n_docs - 1] + 1).values
+        marks = torch.zeros(seqlen, dtype=torch.int32, device=device)
+        marks[cuts] = 1
+        seq_idx = torch.cumsum(marks, 0, dtype=torch.int32).expand(batch, seqlen).contiguous()
+    return args, seq_idx
+
+
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+def run_once(fn, args, seq_idx, chunk_size, dt_limit, go_seed=1, deterministic=None):
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    kw = dict(D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True, dt_limit=dt_limit,
+              initial_states=leaves["initial_states"], seq_idx=seq_idx, return_final_states=True)
+    if deterministic is not None:
+        kw["deterministic"] = deterministic
+    out, final = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size, **kw)
+    g = torch.Generator(device=out.device).manual_seed(go_seed)
+    gout = torch.randn(out.shape, generator=g, device=out.device)
+    gfin = torch.randn(final.shape, generator=g, device=out.device)
+    ((out.float() * gout).sum() + (final.float() * gfin).sum()).backward()
+    grads = {k: (leaves[k].grad if leaves[k] is not None else None) for k in GRAD_NAMES}
+    return out, final, grads
+
+
+CHECK_CASES = [
+    # batch, seqlen, nheads, headdim, dstate, ngroups, chunk, options
+    (2, 2048, 8, 64, 128, 1, 256, dict(with_z=True, with_init=True, n_docs=3)),
+    (1, 16384, 4, 128, 64, 2, 256, dict(D_per_channel=True)),
+    (2, 1000, 16, 64, 64, 8, 128, dict(with_z=True, n_docs=5, dt_limit=(0.01, 0.3))),
+    (1, 4096, 8, 128, 128, 4, 256, dict(with_init=True)),
+    (3, 333, 6, 64, 128, 3, 64, dict(with_z=True, with_init=True, n_docs=2, D_per_channel=True)),
+]
+
+
+def check(results):
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # every torch.empty -> NaN
+    print("== correctness (bf16 vs float32 reference; NaN-poisoned allocations) ==", flush=True)
+    all_ok = True
+    for batch, seqlen, nheads, headdim, dstate, ngroups, cs, opts in CHECK_CASES:
+        opts = dict(opts)
+        dt_limit = opts.pop("dt_limit", (0.0, float("inf")))
+        args, seq_idx = make_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, **opts)
+        o, f, g = run_once(lambda *a, **k: fused.mamba_chunk_scan_combined(*a, **k), args, seq_idx, cs, dt_limit)
+        ref_args = {k: (v.float() if v is not None else None) for k, v in args.items()}
+        ro, rf, rg = run_once(mamba_chunk_scan_combined_ref, ref_args, seq_idx, cs, dt_limit)
+        errs = {"out": rel_err(o, ro), "final": rel_err(f, rf)}
+        errs.update({k: rel_err(g[k], rg[k]) for k in GRAD_NAMES if g[k] is not None})
+        ok = errs["out"] <= 5e-3 and errs["final"] <= 5e-3 and all(
+            v <= 1e-2 for k, v in errs.items() if k not in ("out", "final"))
+        # deterministic mode: bitwise equal across runs
+        _, _, g1 = run_once(fused.mamba_chunk_scan_combined, args, seq_idx, cs, dt_limit, deterministic=True)
+        _, _, g2 = run_once(fused.mamba_chunk_scan_combined, args, seq_idx, cs, dt_limit, deterministic=True)
+        same = all(torch.equal(g1[k], g2[k]) for k in GRAD_NAMES if g1[k] is not None)
+        errs["det_bitwise"] = same
+        errs["det_vs_ref_dB"] = rel_err(g1["B"], rg["B"])
+        ok = ok and same and errs["det_vs_ref_dB"] <= 1e-2
+        all_ok &= ok
+        name = f"b{batch} l{seqlen} h{nheads} p{headdim} n{dstate} g{ngroups} cs{cs} {opts} lim{dt_limit}"
+        print(("PASS " if ok else "FAIL ") + name + "  " +
+              " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()), flush=True)
+        results["check"].append(dict(case=name, ok=ok, errs=errs))
+    torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    return all_ok
+
+
+def flops_fwd(batch, seqlen, nheads, headdim, dstate, ngroups, cs):
+    nchunks = -(-seqlen // cs)
+    return batch * nchunks * (nheads * (4 * cs * headdim * dstate + cs * cs * headdim) + ngroups * cs * cs * dstate)
+
+
+def bench(fn, args, seq_idx, cs, backward):
+    from triton.testing import do_bench
+    leaves = {k: (v.detach().clone().requires_grad_(backward) if v is not None else None) for k, v in args.items()}
+    kw = dict(D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True, seq_idx=seq_idx)
+    gout = torch.randn_like(leaves["x"])
+
+    def step():
+        out = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], cs, **kw)
+        if backward:
+            out.backward(gout)
+    if not backward:
+        with torch.no_grad():
+            return do_bench(step, warmup=25, rep=100, return_mode="median")
+    return do_bench(step, warmup=25, rep=100, return_mode="median",
+                    grad_to_none=[v for v in leaves.values() if v is not None])
+
+
+TIME_SHAPES = [(8, 2048, 32, 64, 128, 1), (2, 8192, 32, 64, 128, 1), (8, 2048, 64, 64, 64, 8)]
+
+
+def timings(results, with_reference=True):
+    print("== timings (ms, median) ==", flush=True)
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as mamba_ssm_fn
+    except ImportError:
+        mamba_ssm_fn = None
+    for shape in TIME_SHAPES:
+        args, _ = make_inputs(*shape)
+        cs = 256
+        row = dict(shape=shape)
+        fl = flops_fwd(*shape, cs)
+        row["fused_fwd"] = bench(fused.mamba_chunk_scan_combined, args, None, cs, False)
+        row["fused_fwdbwd"] = bench(fused.mamba_chunk_scan_combined, args, None, cs, True)
+        row["fused_fwdbwd_det"] = bench(lambda *a, **k: fused.mamba_chunk_scan_combined(*a, deterministic=True, **k),
+                                        args, None, cs, True)
+        if with_reference:
+            row["ref_fwd"] = bench(mamba_chunk_scan_combined_ref, args, None, cs, False)
+            row["ref_fwdbwd"] = bench(mamba_chunk_scan_combined_ref, args, None, cs, True)
+        if mamba_ssm_fn is not None:
+            row["mamba_ssm_fwd"] = bench(mamba_ssm_fn, args, None, cs, False)
+            row["mamba_ssm_fwdbwd"] = bench(mamba_ssm_fn, args, None, cs, True)
+        row["tflops_fwd"] = fl / row["fused_fwd"] / 1e9
+        row["tflops_fwdbwd"] = 3 * fl / row["fused_fwdbwd"] / 1e9
+        print(row, flush=True)
+        results["timings"].append(row)
+
+
+def stages(results):
+    """Per-kernel times of the forward and backward at the first timing shape."""
+    from triton.testing import do_bench
+    from kernels.ssd.triton.bmm import bmm_chunk
+    from kernels.ssd.triton.chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
+    from kernels.ssd.triton.state_passing import state_passing_bwd, state_passing_fwd
+    args, _ = make_inputs(*TIME_SHAPES[0])
+    cs, inf = 256, (0.0, float("inf"))
+    x, dt, A, B, C, D, bias = (args[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias"))
+    t = {}
+    b = lambda f: do_bench(f, warmup=10, rep=50, return_mode="median")  # noqa: E731
+    t["cumsum_fwd"] = b(lambda: chunk_cumsum_fwd(dt, A, bias, True, inf, cs))
+    dt_out, dA_cs = chunk_cumsum_fwd(dt, A, bias, True, inf, cs)
+    t["chunk_state"] = b(lambda: chunk_state.chunk_state(x, B, dt_out, dA_cs, None, cs))
+    states = chunk_state.chunk_state(x, B, dt_out, dA_cs, None, cs)
+    t["state_passing_fwd"] = b(lambda: state_passing_fwd(states, dA_cs, None, None, cs, x.shape[1], torch.float32))
+    states_in, final = state_passing_fwd(states, dA_cs, None, None, cs, x.shape[1], torch.float32)
+    t["bmm"] = b(lambda: bmm_chunk(C, B, cs))
+    CB = bmm_chunk(C, B, cs)
+    t["chunk_scan_fwd"] = b(lambda: chunk_scan.chunk_scan_fwd(x, None, C, CB, dt_out, dA_cs, states_in, D, None, cs))
+    dy = torch.randn_like(x)
+    t["G(chunk_state)"] = b(lambda: chunk_state.chunk_state(dy, C, dt_out, dA_cs, None, cs, to_end=False))
+    G = chunk_state.chunk_state(dy, C, dt_out, dA_cs, None, cs, to_end=False)
+    t["state_passing_bwd"] = b(lambda: state_passing_bwd(G, None, final, states_in, dA_cs, None, cs, x.shape[1]))
+    dstates, _, _ = state_passing_bwd(G, None, final, states_in, dA_cs, None, cs, x.shape[1])
+    t["chunk_scan_bwd(dx+dc)"] = b(lambda: chunk_scan_bwd.chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in,
+                                                                        dstates, D, None, cs, False))
+    _, _, _, ddt_part, dda, _ = chunk_scan_bwd.chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D,
+                                                              None, cs, False)
+    t["cumsum_bwd"] = b(lambda: chunk_cumsum_bwd(dt, A, bias, True, inf, cs, dt_out, dda, ddt_part))
+    print("== stages at", TIME_SHAPES[0], "(ms) ==", flush=True)
+    for k, v in t.items():
+        print(f"  {k:24s} {v:.4f}", flush=True)
+    results["stages"] = t
+
+
+def sweep(results):
+    """Launch parameters of the heaviest kernels at the first timing shape."""
+    args, _ = make_inputs(*TIME_SHAPES[0])
+    cs = 256
+    print("== sweep ==", flush=True)
+    base = (dict(chunk_scan.CONFIG), dict(chunk_state.CONFIG), dict(chunk_scan_bwd.CONFIG), fused.STATES_IN_FP32)
+    out = []
+    variants = [
+        ("default", {}, {}, {}, True),
+        ("states_in bf16", {}, {}, {}, False),
+        ("scan t128 w8", dict(block_t=128, num_warps=8), {}, {}, True),
+        ("scan p32", dict(block_p=32), {}, {}, True),
+        ("scan n64 stages3", dict(block_n=64, num_stages=3), {}, {}, True),
+        ("state s128 w8", {}, dict(block_s=128, num_warps=8), {}, True),
+        ("bwd block32", {}, {}, dict(block=32), True),
+        ("bwd warps4", {}, {}, dict(num_warps=4), True),
+        ("bwd stages2", {}, {}, dict(num_stages=2), True),
+        ("bwd minprog 4096", {}, {}, dict(min_programs=4096), True),
+        ("bwd minprog 256", {}, {}, dict(min_programs=256), True),
+    ]
+    for name, scan_cfg, state_cfg, bwd_cfg, fp32_states in variants:
+        chunk_scan.CONFIG.update(scan_cfg)
+        chunk_state.CONFIG.update(state_cfg)
+        chunk_scan_bwd.CONFIG.update(bwd_cfg)
+        fused.STATES_IN_FP32 = fp32_states
+        try:
+            fwd = bench(fused.mamba_chunk_scan_combined, args, None, cs, False)
+            fb = bench(fused.mamba_chunk_scan_combined, args, None, cs, True)
+            print(f"  {name:22s} fwd {fwd:.4f}  fwd+bwd {fb:.4f}", flush=True)
+            out.append((name, fwd, fb))
+        except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
+            print(f"  {name:22s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        chunk_scan.CONFIG.clear(); chunk_scan.CONFIG.update(base[0])        # noqa: E702
+        chunk_state.CONFIG.clear(); chunk_state.CONFIG.update(base[1])      # noqa: E702
+        chunk_scan_bwd.CONFIG.clear(); chunk_scan_bwd.CONFIG.update(base[2])  # noqa: E702
+        fused.STATES_IN_FP32 = base[3]
+    results["sweep"] = out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip timing the plain-PyTorch reference")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/ssd.py needs a CUDA GPU")
+        return 1
+    import triton
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    results = dict(device=torch.cuda.get_device_name(), check=[], timings=[])
+    t0 = time.time()
+    ok = True
+    if not a.skip_check:
+        ok = check(results)
+    timings(results, with_reference=not a.no_reference)
+    stages(results)
+    if a.sweep:
+        sweep(results)
+    path = os.path.join(os.environ.get("OUT", "."), "ssd.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"\n== summary ({time.time() - t0:.0f} s; correctness {'PASS' if ok else 'FAIL'}) ==")
+    print(f"{'shape (b, l, h, p, n, g)':28s} {'ref fwd':>8s} {'fwd':>7s} {'fwd+bwd':>8s} {'det f+b':>8s} "
+          f"{'TF/s fwd':>8s} {'TF/s f+b':>8s} {'bar fwd':>8s} {'bar f+b':>8s}")
+    for r in results["timings"]:
+        bar = MAMBA_SSM_H100.get(tuple(r["shape"]), (float("nan"),) * 2)
+        print(f"{str(r['shape']):28s} {r.get('ref_fwd', float('nan')):8.3f} {r['fused_fwd']:7.3f} "
+              f"{r['fused_fwdbwd']:8.3f} {r['fused_fwdbwd_det']:8.3f} {r['tflops_fwd']:8.1f} "
+              f"{r['tflops_fwdbwd']:8.1f} {bar[0]:8.3f} {bar[1]:8.3f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
