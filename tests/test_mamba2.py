@@ -91,7 +91,7 @@ def test_packed_forward_matches_float64_definition():
     assert_close(layer(x, seq_idx=seq_idx), naive_forward(layer, x, seq_idx), 1e-6, "packed")
 
 
-@pytest.mark.parametrize("variant", ["default", "mlp_branch", "no_rmsnorm_D_per_channel"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_decode_token_by_token_matches_full_forward(variant):
     layer = make_layer(**VARIANTS[variant])
     x = randn(2, 20, 16, seed=3)
@@ -105,6 +105,16 @@ def test_chunked_prefill_then_decode_matches_full_forward(cuts):
     layer = make_layer(d_ssm=16)
     x = randn(2, 45, 16, seed=4)
     assert_close(run_in_pieces(layer, x, cuts), layer(x), 1e-5, f"pieces {cuts}")
+
+
+def test_bfloat16_layer_decode_matches_full_forward():
+    layer = make_layer(dtype=torch.bfloat16)
+    x = randn(2, 24, 16, seed=11, dtype=torch.bfloat16)
+    y_full = layer(x)
+    assert y_full.dtype == torch.bfloat16
+    state = layer.init_state(2)
+    assert state.conv_state.dtype == torch.bfloat16 and state.ssm_state.dtype == torch.float32
+    assert_close(run_in_pieces(layer, x, cuts=[10] + list(range(11, 24))), y_full, 2e-2, "bf16 decode")
 
 
 def test_state_is_updated_in_place_and_has_documented_shapes():
