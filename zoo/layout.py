@@ -136,7 +136,8 @@ def resolve_config_path(name: str) -> str:
     for candidate in (os.path.join(root, name), os.path.join(root, name + ".yaml"),
                       os.path.join(root, "tiny", name), os.path.join(root, "tiny", name + ".yaml")):
         if os.path.exists(candidate):
-            return candidate
+            rel = os.path.relpath(candidate)
+            return rel if not rel.startswith("..") else candidate
     return name
 
 
@@ -751,3 +752,33 @@ def pattern_string(layout: list[dict]) -> str:
 
 def dump_config(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=120)
+
+
+def parse_set_args(items: list[str] | None) -> dict:
+    """CLI `--set key=value` items -> {dotted key: value}, values parsed as YAML (`12`, `0.25`, `true`,
+    `null`, `[1, 2]`, `mamba2`)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LayoutError(f"--set {item!r}: write key=value, e.g. --set layers.attention_ratio=0.25")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise LayoutError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    return out
+
+
+def non_default_kwargs(entry: dict) -> dict:
+    """The kwargs of a canonical entry that differ from its constructor's defaults (for printing)."""
+    if entry["type"] == "shared":
+        return {k: v for k, v in entry.items() if k != "type"}
+    params = _signature_params(registry.get(entry["type"]))
+    out = {}
+    for k, v in entry.items():
+        if k in ("type", "d_model"):
+            continue
+        p = params.get(k)
+        if p is None or p.default is inspect.Parameter.empty or _plain(p.default) != v:
+            out[k] = v
+    return out
