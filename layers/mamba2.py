@@ -41,6 +41,14 @@ def _pair(value, name: str) -> tuple[float, float]:
     return low, high
 
 
+def _number(value, name: str) -> float:
+    """A float from a number or a numeric string (PyYAML reads `1e-3`, without a dot, as a string)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Mamba2: {name}={value!r} must be a number") from None
+
+
 class Mamba2(nn.Module):
     """Mamba-2 mixer: input projection, short causal conv, SSD scan with a scalar decay per head,
     gated RMSNorm, output projection.
@@ -92,6 +100,8 @@ class Mamba2(nn.Module):
         self.A_init_range = _pair(A_init_range, "A_init_range")
         if self.A_init_range[0] <= 0:
             raise ValueError(f"Mamba2: A_init_range={A_init_range!r} must be positive (A = -uniform(range))")
+        dt_min, dt_max = _number(dt_min, "dt_min"), _number(dt_max, "dt_max")
+        dt_init_floor, norm_eps = _number(dt_init_floor, "dt_init_floor"), _number(norm_eps, "norm_eps")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if dt_init_floor < 0:
@@ -106,7 +116,7 @@ class Mamba2(nn.Module):
         self.d_inner, self.d_ssm, self.headdim, self.nheads, self.ngroups = d_inner, d_ssm, headdim, nheads, ngroups
         self.d_mlp = d_inner - d_ssm
         self.conv_dim = d_ssm + 2 * ngroups * d_state
-        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = bool(D_has_hdim), bool(rmsnorm), bool(norm_before_gate)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.chunk_size, self.backend = chunk_size, backend
 

@@ -197,6 +197,13 @@ def test_init_follows_documented_ranges():
     assert not getattr(layer.in_proj.weight, "_no_weight_decay", False)
 
 
+def test_numbers_written_as_yaml_strings_are_accepted():
+    layer = Mamba2(**TINY, dt_min="1e-3", dt_max="1e-1", A_init_range=["1", "4"], dt_limit=[0, "inf"])
+    assert layer.dt_limit == (0.0, float("inf")) and layer.A_init_range == (1.0, 4.0)
+    dt = F.softplus(layer.dt_bias.detach())
+    assert ((dt >= 1e-3 * (1 - 1e-4)) & (dt <= 0.1 * (1 + 1e-4))).all()
+
+
 def test_meta_build_then_reset_parameters_gives_a_working_layer():
     layer = Mamba2(**TINY, device="meta")
     assert layer.A_log.is_meta
@@ -221,6 +228,7 @@ def test_meta_build_then_reset_parameters_gives_a_working_layer():
     (dict(A_init_range=(4,)), "A_init_range"),
     (dict(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
     (dict(dt_limit=(1.0, 0.5)), "dt_limit"),
+    (dict(dt_min="small"), "dt_min='small' must be a number"),
     (dict(backend="cuda"), "backend="),
 ])
 def test_bad_arguments_raise_value_errors_naming_the_fix(kw, match):
