@@ -29,6 +29,7 @@ if _HAVE_TRITON:
     from .triton.chunk_scan_bwd import chunk_scan_bwd, gate_bwd
     from .triton.chunk_state import chunk_state
     from .triton.state_passing import state_passing_bwd, state_passing_fwd
+    from . import step as _step
 
 _NO_LIMIT = (0.0, math.inf)
 DETERMINISTIC_ENV = "HYBRID_ZOO_DETERMINISTIC"
@@ -205,3 +206,25 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
                                  bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
                                  initial_states, seq_idx, _deterministic(deterministic))
     return (out, final) if return_final_states else out
+
+
+if _HAVE_TRITON:
+    @torch.library.custom_op("hybrid_zoo::ssd_step", mutates_args=("state",))
+    def _ssd_step_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                     dt_softplus: bool, dt_min: float, dt_max: float) -> torch.Tensor:
+        return _step.ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, (dt_min, dt_max))
+
+    @_ssd_step_op.register_fake
+    def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+             dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+             dt_limit: tuple[float, float] = _NO_LIMIT) -> torch.Tensor:
+    """One decode step in one Triton launch (kernels/ssd/step.py): updates state [b, h, p, n] in place
+    and returns y [b, h, p]; arguments as kernels.ssd.ssd_step (checked there)."""
+    return _ssd_step_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), float(dt_limit[0]),
+                        float(dt_limit[1]))
