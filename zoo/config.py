@@ -100,7 +100,10 @@ class RunConfig:
 
 def parse_value(text: str) -> Any:
     """A `--set` value: YAML, plus floats written without a dot (3e-4)."""
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text                    # not YAML (a pattern string such as *-*- reads as an alias)
     if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
         return float(value)
     return value
