@@ -713,6 +713,8 @@ def _insert_shared_sites(ctx: _Ctx, raw: dict, layout: list, shared: dict, main:
             sites = [_as_int(ctx, f"{path}.{name}.at", a, minimum=0) for a in rule["at"]]
         else:
             at = _as_int(ctx, f"{path}.{name}.at", rule["at"], minimum=0)
+            if at >= len(starts):
+                raise ctx.error(f"{path}.{name}.at", f"{unit} {at} is past the last {unit} ({len(starts) - 1})")
             every = _as_int(ctx, f"{path}.{name}.every", rule.get("every", len(starts) + 1), minimum=1)
             sites = list(range(at, len(starts), every))
         for s in sites:
