@@ -103,58 +103,64 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
         return t.permute(2, 0, 1).reshape(seqlen, batch, groups, per_group, 1)
 
     dtf = time_major(dt)
-    dA = dtf * A.to(cdt).view(groups, per_group, dstate)                 # [l, b, g, p, n], <= 0 for A <= 0
-    x = dtf * time_major(u.to(cdt)) * Bg.permute(3, 0, 1, 2).unsqueeze(3)  # dt_t B_t u_t
-    Ct = Cg.permute(3, 0, 1, 2).unsqueeze(3)                             # [l, b, g, 1, n]
-
+    dtu = dtf * time_major(u.to(cdt))                                    # dt_t u_t
+    Bt = Bg.permute(3, 0, 1, 2).unsqueeze(3)                             # [l, b, g, 1, n]
+    if pad:
+        # dt = 0 on padding: decay exp(0) = 1 and no input, so the state passes through unchanged
+        dtf, dtu, Bt = (F.pad(t, (0, 0) * 4 + (0, pad)) for t in (dtf, dtu, Bt))
+    state_shape = (batch, groups, per_group, dstate)
+    Ag = A.to(cdt).view(groups, per_group, dstate)
+    dtf = dtf.view(nchunks, chunk, batch, groups, per_group, 1)
+    dA = dtf * Ag                                                        # [c, T, b, g, p, n], <= 0 for A <= 0
+    x = (dtu * Bt).view(nchunks, chunk, *state_shape)                    # dt_t B_t u_t
+    decay = dA.exp()
     if seq_idx is not None:
         sid = seq_idx.t().long()                                         # [l, b]
         # a new document starts where the id changes: no decay from before it reaches it
         starts = torch.cat([torch.zeros_like(sid[:1], dtype=torch.bool), sid[1:] != sid[:-1]])
-        if pad:
-            starts = F.pad(starts, (0, 0, 0, pad))
-    if pad:
-        # dt = 0 on padding: decay exp(0) = 1 and no input, so the state passes through unchanged
-        dA = F.pad(dA, (0, 0) * 4 + (0, pad))
-        x = F.pad(x, (0, 0) * 4 + (0, pad))
-    state_shape = (batch, groups, per_group, dstate)
-    dA = dA.view(nchunks, chunk, *state_shape)
-    x = x.view(nchunks, chunk, *state_shape)
-    decay = dA.exp()
-    if seq_idx is not None:
-        starts = starts.view(nchunks, chunk, batch, 1, 1, 1)
+        starts = F.pad(starts, (0, 0, 0, pad)).view(nchunks, chunk, batch, 1, 1, 1)
         decay = decay.masked_fill(starts, 0.0)
 
-    # 1. local states of every chunk from a zero state, all chunks in parallel
-    local = [x[:, 0]]
+    # 1. local states of every chunk from a zero state, all chunks in parallel. (unbind, not
+    # indexing in the loop: each indexed slice's backward would fill a zero tensor of full size.)
+    decay_k, x_k = decay.unbind(1), x.unbind(1)
+    local = [x_k[0]]
     for k in range(1, chunk):
-        local.append(decay[:, k] * local[-1] + x[:, k])
+        local.append(torch.addcmul(x_k[k], decay_k[k], local[-1]))
+    chunk_local = local[-1].unbind(0)                                    # c x [b, g, p, n]
     local = torch.stack(local, dim=1)                                    # [c, T, b, g, p, n]
 
     # 3's decay from the chunk start (before token 0 of the chunk) to each position, log space
-    cum = dA.cumsum(dim=1)
+    # (A is constant in time, so cum = A * cumsum(dt): a cumulative sum dstate times smaller)
+    cum_dt = dtf.cumsum(dim=1)                                           # [c, T, b, g, p, 1]
+    cum = cum_dt * Ag
+    chunk_decay = cum_dt[:, -1] * Ag                                     # [c, b, g, p, n]: whole chunk
     if seq_idx is not None:
         # a document start inside the chunk at or before t cuts the carried state off
         cut = starts.cumsum(dim=1) > 0
-        carried_decay = cum.masked_fill(cut, float("-inf")).exp()
-    else:
-        carried_decay = cum.exp()
+        cum = cum.masked_fill(cut, float("-inf"))
+        chunk_decay = chunk_decay.masked_fill(cut[:, -1], float("-inf"))
+    carried_decay = cum.exp()
 
     # 2. states entering each chunk
     entering = [initial_state.to(cdt).view(state_shape) if initial_state is not None
                 else x.new_zeros(state_shape)]
+    chunk_decay = chunk_decay.exp().unbind(0)
     for c in range(nchunks - 1):
-        entering.append(carried_decay[c, -1] * entering[-1] + local[c, -1])
+        entering.append(torch.addcmul(chunk_local[c], chunk_decay[c], entering[-1]))
+    # the state after the last (padded) chunk is the state after token seqlen - 1
+    last_state = torch.addcmul(chunk_local[-1], chunk_decay[-1], entering[-1]) if return_last_state else None
     entering = torch.stack(entering)                                     # [c, b, g, p, n]
 
-    states = local + carried_decay * entering.unsqueeze(1)               # [c, T, b, g, p, n]
+    states = torch.addcmul(local, carried_decay, entering.unsqueeze(1))  # [c, T, b, g, p, n]
     states = states.view(nchunks * chunk, *state_shape)
-    y = (states[:seqlen] * Ct).sum(-1)                                   # [l, b, g, p]
+    Ct = Cg.permute(3, 0, 1, 2).unsqueeze(-1)                            # [l, b, g, n, 1]
+    y = torch.matmul(states[:seqlen], Ct)                                # [l, b, g, p, 1]: sum over n
     y = y.reshape(seqlen, batch, dim).permute(1, 2, 0)                   # [b, d, l]
     out = _skip_and_gate(y, u, D, z).to(u.dtype)
     if not return_last_state:
         return out
-    return out, states[-1].reshape(batch, dim, dstate)
+    return out, last_state.reshape(batch, dim, dstate)
 
 
 def selective_scan_naive(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
