@@ -362,7 +362,10 @@ class CausalLM(_ZooModel):
             self.lm_head.weight = self.embedding.weight
 
     def _init_extra(self, std: float) -> None:
-        if not self.config["tie_embeddings"]:
+        if self.config["tie_embeddings"]:
+            # to_empty() materialises tied parameters separately: tie them again
+            self.lm_head.weight = self.embedding.weight
+        else:
             nn.init.normal_(self.lm_head.weight, std=std)
 
     def init_state(self, batch_size: int, *, dtype=None, device=None, max_seqlen: int | None = None) -> list:
