@@ -23,13 +23,10 @@ except ImportError:  # CPU installs without Triton: the interface falls back to 
     _HAVE_TRITON = False
 
 if _HAVE_TRITON:
-    from .triton.bmm import bmm_chunk
-    from .triton.chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
-    from .triton.chunk_scan import chunk_scan_fwd
-    from .triton.chunk_scan_bwd import chunk_scan_bwd, gate_bwd
-    from .triton.chunk_state import chunk_state
-    from .triton.state_passing import state_passing_bwd, state_passing_fwd
+    # modules, not functions: their kernels are looked up at call time (tests on the CPU reload them
+    # under TRITON_INTERPRET=1)
     from . import step as _step
+    from .triton import bmm, chunk_cumsum, chunk_scan, chunk_scan_bwd, chunk_state, state_passing
 
 _NO_LIMIT = (0.0, math.inf)
 DETERMINISTIC_ENV = "HYBRID_ZOO_DETERMINISTIC"
@@ -75,12 +72,12 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, i
     """Returns out [b, l, h, p], final_states float32 [b, h, p, n], and what the backward reuses:
     dt_out, dA_cs [b, h, nchunks, chunk_size], states_in [b, nchunks, h, p, n], y (the
     output before the gate; empty without z)."""
-    dt_out, dA_cs = chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)
-    states = chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True)
-    states_in, final = state_passing_fwd(states, dA_cs, initial_states, seq_idx, chunk_size, x.shape[1],
+    dt_out, dA_cs = chunk_cumsum.chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)
+    states = chunk_state.chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True)
+    states_in, final = state_passing.state_passing_fwd(states, dA_cs, initial_states, seq_idx, chunk_size, x.shape[1],
                                          _states_dtype(x))
-    CB = bmm_chunk(C, B, chunk_size)
-    out, y = chunk_scan_fwd(x, z, C, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size)
+    CB = bmm.bmm_chunk(C, B, chunk_size)
+    out, y = chunk_scan.chunk_scan_fwd(x, z, C, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size)
     return out, final, dt_out, dA_cs, states_in, (y if y is not None else _empty(x))
 
 
@@ -89,18 +86,18 @@ def _backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softpl
     """Gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states); None where the input is None."""
     seqlen = x.shape[1]
     if z is not None:
-        dy, dz = gate_bwd(dout, z, y)
+        dy, dz = chunk_scan_bwd.gate_bwd(dout, z, y)
     else:
         dy, dz = dout, None
-    CB = bmm_chunk(C, B, chunk_size)
+    CB = bmm.bmm_chunk(C, B, chunk_size)
     # gradient that each chunk's outputs send to the state entering it, then the reverse recurrence
-    G = chunk_state(dy, C, dt_out, dA_cs, seq_idx, chunk_size, to_end=False)
-    dstates, dinit, dda_last = state_passing_bwd(G, dfinal, final, states_in, dA_cs, seq_idx, chunk_size,
+    G = chunk_state.chunk_state(dy, C, dt_out, dA_cs, seq_idx, chunk_size, to_end=False)
+    dstates, dinit, dda_last = state_passing.state_passing_bwd(G, dfinal, final, states_in, dA_cs, seq_idx, chunk_size,
                                                  seqlen)
-    dx, dB, dC, ddt_part, dda, dD = chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D,
+    dx, dB, dC, ddt_part, dda, dD = chunk_scan_bwd.chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D,
                                                    seq_idx, chunk_size, deterministic)
     dda[..., -1] += dda_last
-    ddt, dA, ddt_bias = chunk_cumsum_bwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size, dt_out, dda,
+    ddt, dA, ddt_bias = chunk_cumsum.chunk_cumsum_bwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size, dt_out, dda,
                                          ddt_part)
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, (dinit if initial_states is not None else None)
 
