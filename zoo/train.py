@@ -270,8 +270,10 @@ class Trainer:
             os.makedirs(out_dir, exist_ok=True)
         if resume and existing:
             self._load(existing)
-        elif resume and self.dist.is_main:
-            self._log(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+        elif self.dist.is_main:
+            self._truncate_metrics(0)        # rows of a run killed before its first checkpoint
+            if resume:
+                self._log(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
 
     # ------------------------------------------------------------ setup helpers
 

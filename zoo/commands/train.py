@@ -49,3 +49,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: summary[k] for k in keep}, indent=None))
         print(f"checkpoint: {trainer.out_dir}/checkpoints (zoo generate {trainer.out_dir} ...)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m zoo.commands.train ...`: the same command without the other CLI modules (the
+    ablation runner starts each variant this way)."""
+    parser = argparse.ArgumentParser(prog="zoo train")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
