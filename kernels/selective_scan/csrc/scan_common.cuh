@@ -1,0 +1,160 @@
+// Device helpers shared by the forward and backward selective scan kernels.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "scan.h"
+
+namespace hzoo {
+namespace detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// The lane's K tokens starting at p; positions at or past `valid` read as 0. 16-byte loads when
+// the run is whole and aligned (widths or offsets that are not multiples of 8 take the scalar path).
+template <typename T, int K>
+__device__ __forceinline__ void load_tokens(const T* p, int valid, float (&v)[K]) {
+  static_assert(sizeof(T) * K % 16 == 0, "K tokens must fill whole 16-byte vectors");
+  constexpr int kVecs = sizeof(T) * K / 16;
+  if (valid >= K && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+    uint4 raw[kVecs];
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    const T* t = reinterpret_cast<const T*>(raw);
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(p[k]) : 0.f;
+  }
+}
+
+template <typename T, int K>
+__device__ __forceinline__ void store_tokens(T* p, int valid, const float (&v)[K]) {
+  constexpr int kVecs = sizeof(T) * K / 16;
+  if (valid >= K && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+    uint4 raw[kVecs];
+    T* t = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int k = 0; k < K; ++k) t[k] = from_float<T>(v[k]);
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) reinterpret_cast<uint4*>(p)[i] = raw[i];
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < valid) p[k] = from_float<T>(v[k]);
+  }
+}
+
+// Per-lane token data shared by forward and backward: dt after bias/softplus, u, and which tokens
+// start a new document (their decay is 0: nothing from before reaches them).
+template <int K>
+struct LaneTokens {
+  float u[K], dt[K], dt_grad[K];   // dt_grad: d dt / d delta (sigmoid for softplus, else 1)
+  unsigned reset_mask;
+};
+
+template <typename in_t, int K>
+__device__ __forceinline__ void load_lane_tokens(const ScanParams& p, int b, int d, int t0, int valid,
+                                                 LaneTokens<K>& lt) {
+  const in_t* u = static_cast<const in_t*>(p.u) + b * p.u_sb + d * p.u_sd + t0;
+  const in_t* delta = static_cast<const in_t*>(p.delta) + b * p.delta_sb + d * p.delta_sd + t0;
+  load_tokens<in_t, K>(u, valid, lt.u);
+  float raw[K];
+  load_tokens<in_t, K>(delta, valid, raw);
+  const float bias = p.delta_bias != nullptr ? p.delta_bias[d] : 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const float x = raw[k] + bias;
+    float dt = x, grad = 1.f;
+    if (p.delta_softplus) {
+      dt = x <= 20.f ? log1pf(expf(x)) : x;
+      grad = x <= 20.f ? sigmoidf(x) : 1.f;
+    }
+    lt.dt[k] = k < valid ? dt : 0.f;     // padding: decay 1, no input, the state passes through
+    lt.dt_grad[k] = grad;
+  }
+  lt.reset_mask = 0;
+  if (p.seq_idx != nullptr) {
+    const int32_t* sid = p.seq_idx + static_cast<int64_t>(b) * p.seqlen;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int t = t0 + k;
+      if (k < valid && t > 0 && sid[t] != sid[t - 1]) lt.reset_mask |= 1u << k;
+    }
+  }
+}
+
+template <typename bc_t>
+__device__ __forceinline__ const bc_t* bc_row(const void* base, int64_t sb, int64_t sg, int64_t sn,
+                                              int b, int g, int n, int t0) {
+  return static_cast<const bc_t*>(base) + b * sb + g * sg + n * sn + t0;
+}
+
+// Inclusive prefix composition of the lanes' affine maps h -> a h + c (earlier lanes first).
+__device__ __forceinline__ void warp_prefix_compose(float& a, float& c, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float ap = __shfl_up_sync(0xffffffffu, a, off);
+    const float cp = __shfl_up_sync(0xffffffffu, c, off);
+    if (lane >= off) {
+      c = a * cp + c;
+      a = a * ap;
+    }
+  }
+}
+
+// Inclusive suffix composition (later lanes first), for the adjoint running backwards in time.
+__device__ __forceinline__ void warp_suffix_compose(float& a, float& c, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float an = __shfl_down_sync(0xffffffffu, a, off);
+    const float cn = __shfl_down_sync(0xffffffffu, c, off);
+    if (lane + off < 32) {
+      c = a * cn + c;
+      a = a * an;
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Calls Launch<in_t, bc_t>::run for the dtype pair (B and C are u's dtype or float32).
+template <template <typename, typename> class Launch>
+void dispatch_dtypes(const ScanParams& p, cudaStream_t stream) {
+  const bool same = p.in_kind == p.bc_kind;
+  switch (p.in_kind) {
+    case kFloat32: Launch<float, float>::run(p, stream); break;
+    case kFloat16:
+      if (same) Launch<__half, __half>::run(p, stream); else Launch<__half, float>::run(p, stream);
+      break;
+    case kBFloat16:
+      if (same) Launch<__nv_bfloat16, __nv_bfloat16>::run(p, stream); else Launch<__nv_bfloat16, float>::run(p, stream);
+      break;
+  }
+}
+
+}  // namespace detail
+}  // namespace hzoo
