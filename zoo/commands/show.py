@@ -1,14 +1,15 @@
 """`zoo show CONFIG [--set key=value ...] [--yaml]`: a model's expanded layout, without building it.
 
-Prints the compact pattern string (one symbol per residual sublayer) and a per-sublayer table with the
+Validates the config completely (it is built on the meta device, which costs no memory) and prints
+the compact pattern string (one symbol per residual sublayer) and a per-sublayer table with the
 kwargs that differ from each layer's defaults; `--yaml` prints the whole canonical config instead.
 """
 from __future__ import annotations
 
 import sys
 
-from zoo.layout import (SHOW_SYMBOLS, LayoutError, dump_config, load_config, non_default_kwargs,
-                        parse_set_args, pattern_string)
+from zoo.layout import (SHOW_SYMBOLS, LayoutError, dump_config, non_default_kwargs, parse_set_args,
+                        pattern_string)
 
 
 def add_arguments(parser) -> None:
@@ -65,7 +66,10 @@ def format_layout(cfg: dict) -> str:
 
 def run(args) -> int:
     try:
-        cfg = load_config(args.config, **parse_set_args(args.set))
+        # building on the meta device costs no memory and runs every layer's own argument checks
+        # (e.g. n_heads dividing d_model), so a config that `show` accepts also builds
+        from zoo.models import build_model
+        cfg = build_model(args.config, device="meta", **parse_set_args(args.set)).config
     except LayoutError as e:
         print(f"zoo show: {e}", file=sys.stderr)
         return 2
