@@ -244,3 +244,8 @@ def test_cli_set_values_are_parsed_as_yaml():
         "a.b": 0.25, "c": "mamba2", "d": None, "e": [1, 2]}
     with pytest.raises(LayoutError, match="write key=value"):
         parse_set_args(["novalue"])
+
+
+def test_misspelt_kwarg_in_an_unused_section_is_still_an_error():
+    with pytest.raises(LayoutError, match="moe.top_kk is not an argument of moe"):
+        load_config(config(pattern="M", moe={"d_ff": 4, "num_experts": 2, "top_kk": 1}))

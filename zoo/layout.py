@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import math
 import os
 from typing import Any
 
@@ -28,7 +27,6 @@ MODEL_KINDS = ("causal_lm", "image_classifier")
 # Megatron's symbols (megatron/core/ssm: M = Mamba, * = attention, - = MLP) plus E for MoE.
 DEFAULT_SYMBOLS = {"M": "mamba2", "*": "attention", "-": "mlp", "E": "moe"}
 
-SEQUENCE_MIXERS = ("mamba", "mamba2", "attention", "bimamba", "bidirectional")
 CHANNEL_MIXERS = ("mlp", "moe")
 
 TOP_LEVEL_KEYS = {
@@ -339,6 +337,11 @@ def _expand(raw: dict, ctx: _Ctx) -> dict:
         _check_model_kind(ctx, cfg)
         return cfg
 
+    # a section's keys are checked even when no sublayer of that type is used (a sweep may switch a
+    # type off), so that a misspelt kwarg is never silently ignored
+    for type_name in registry.names():
+        if type_name in raw:
+            _check_section(ctx, type_name, _type_section(ctx, raw, type_name))
     main = _expand_main_stack(ctx, raw)                 # [(type, entry kwargs, yaml path)]
     main = _apply_overrides_by_index(ctx, raw, main)
     bidir = None
@@ -388,6 +391,15 @@ def _check_model_kind(ctx: _Ctx, cfg: dict) -> None:
 def _type_section(ctx: _Ctx, raw: dict, type_name: str) -> dict:
     section = _as_dict(ctx, type_name, raw.get(type_name))
     return dict(section)
+
+
+def _check_section(ctx: _Ctx, type_name: str, section: dict) -> None:
+    params = _signature_params(registry.get(type_name, ctx=ctx, path=type_name))
+    for key in section:
+        if key not in params or key in ("device", "dtype"):
+            raise ctx.error(f"{type_name}.{key}", f"is not an argument of {type_name}"
+                                                  f"{_did_you_mean(key, params)}; valid: "
+                                                  f"{', '.join(p for p in params if p not in ('device', 'dtype'))}")
 
 
 def _parse_layer_item(ctx: _Ctx, path: str, item) -> tuple[str, dict]:
