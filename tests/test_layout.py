@@ -234,7 +234,7 @@ def test_layer_constructor_errors_become_layout_errors_with_the_layer_path():
 
     with pytest.raises(LayoutError) as info:
         build_model(config(pattern="M*", attention={"n_heads": 3}))
-    assert "layout.1 (attention)" in str(info.value) and "n_heads=3" in str(info.value)
+    assert "sublayer 1 (layout.1), attention" in str(info.value) and "n_heads=3" in str(info.value)
 
 
 def test_cli_set_values_are_parsed_as_yaml():

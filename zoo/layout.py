@@ -340,7 +340,7 @@ def _expand(raw: dict, ctx: _Ctx) -> dict:
     # a section's keys are checked even when no sublayer of that type is used (a sweep may switch a
     # type off), so that a misspelt kwarg is never silently ignored
     for type_name in registry.names():
-        if type_name in raw:
+        if type_name in raw and type_name not in TOP_LEVEL_KEYS:
             _check_section(ctx, type_name, _type_section(ctx, raw, type_name))
     main = _expand_main_stack(ctx, raw)                 # [(type, entry kwargs, yaml path)]
     main = _apply_overrides_by_index(ctx, raw, main)
@@ -389,6 +389,8 @@ def _check_model_kind(ctx: _Ctx, cfg: dict) -> None:
 
 
 def _type_section(ctx: _Ctx, raw: dict, type_name: str) -> dict:
+    if type_name in TOP_LEVEL_KEYS:          # `bidirectional:` is the model-wide option, not a section
+        return {}
     section = _as_dict(ctx, type_name, raw.get(type_name))
     return dict(section)
 

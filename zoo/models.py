@@ -44,7 +44,7 @@ def build_layer(entry: dict, *, device=None, dtype=None, where: str = "", source
         return cls(**kwargs, device=device, dtype=dtype)
     except (ValueError, TypeError) as e:
         prefix = f"{source}: " if source else ""
-        raise LayoutError(f"{prefix}{where} ({entry['type']}): {e}") from None
+        raise LayoutError(f"{prefix}{where}, {entry['type']}: {e}") from None
 
 
 def _init_state_of(layer: nn.Module, batch_size: int, dtype, device, max_seqlen):
@@ -197,6 +197,7 @@ class _ZooModel(nn.Module):
             name: SharedBlock(spec, d, eps, device=device, dtype=dtype, name=name, source=source)
             for name, spec in cfg["shared"].items()})
         self.layers = nn.ModuleList()
+        sublayer = 0            # index in the main stack, as `zoo show` and `overrides` count
         for i, entry in enumerate(cfg["layout"]):
             if entry["type"] == "shared":
                 spec = cfg["shared"][entry["block"]]
@@ -204,7 +205,8 @@ class _ZooModel(nn.Module):
                                               spec["lora_rank"], device=device, dtype=dtype))
             else:
                 self.layers.append(ResidualBlock(entry, d, eps, device=device, dtype=dtype,
-                                                 where=f"layout.{i}", source=source))
+                                                 where=f"sublayer {sublayer} (layout.{i})", source=source))
+                sublayer += 1
         self.norm_f = RMSNorm(d, eps=eps, device=device, dtype=dtype)
 
     @property
