@@ -52,10 +52,12 @@ def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: 
     return y
 
 
-def _default_chunk_size(seqlen: int) -> int:
-    """The power of two nearest sqrt(seqlen), in [1, 64]: the scan below runs chunk_size + seqlen /
-    chunk_size Python steps, fewest at sqrt(seqlen)."""
-    return min(64, 1 << max(0, round(math.log2(max(seqlen, 1)) / 2)))
+def _default_chunk_size(seqlen: int, device: torch.device) -> int:
+    """The power of two nearest sqrt(seqlen) (the scan below runs chunk_size + seqlen / chunk_size
+    Python steps, fewest at sqrt(seqlen)), at most 64 on CUDA and 16 elsewhere: on CPU the steps
+    within a chunk read strided slabs, and chunks of 32-64 measured slower (docs/layers-mamba.md)."""
+    cap = 64 if device.type == "cuda" else 16
+    return min(cap, 1 << max(0, round(math.log2(max(seqlen, 1)) / 2)))
 
 
 def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -70,7 +72,8 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     the last token, [batch, dim, dstate] in float32 (float64 for float64 inputs). With seq_idx the
     last state is that of the last document.
 
-    chunk_size: tokens per chunk (default: the power of two nearest sqrt(seqlen), at most 64).
+    chunk_size: tokens per chunk (default: the power of two nearest sqrt(seqlen), at most 16 on CPU
+    and 64 on CUDA).
 
     The algorithm, a two-level scan: the sequence is cut into `nchunks` chunks of `chunk_size`
     tokens (the last one padded with dt = 0, which neither decays nor writes the state).
@@ -83,9 +86,9 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     So the Python loop runs chunk_size + nchunks steps instead of seqlen, and memory stays a small
     multiple of the states [batch, dim, dstate, seqlen]. Why not the quadratic "segment sum" form
     of SSD within a chunk: with a decay per (channel, state index) its decay matrix is
-    [batch, dim, dstate, chunk, chunk], chunk_size times the states; measured on 2 CPU cores
-    (batch 16, dim 128, dstate 16, seqlen 128, forward+backward) it took 470 ms at chunk 8 and
-    1070 ms at chunk 16 against 125-150 ms for this scan (docs/layers-mamba.md).
+    [batch, dim, dstate, chunk, chunk], chunk_size times the states; measured on 2 CPU threads
+    (batch 16, dim 128, dstate 16, seqlen 128, forward+backward) it took 640 ms at chunk 8 and
+    1410 ms at chunk 16 against 160-230 ms for this scan (docs/layers-mamba.md has the table).
     """
     batch, dim, seqlen = u.shape
     cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -93,7 +96,7 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     Bg, Cg = _as_groups(B).to(cdt), _as_groups(C).to(cdt)                # [b, g, n, l]
     groups, dstate = Bg.shape[1], Bg.shape[2]
     per_group = dim // groups
-    chunk = chunk_size or _default_chunk_size(seqlen)
+    chunk = chunk_size or _default_chunk_size(seqlen, u.device)
     nchunks = -(-seqlen // chunk)
     pad = nchunks * chunk - seqlen
 
