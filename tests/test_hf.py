@@ -40,6 +40,12 @@ def _tiny_hf(model_type: str):
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, ssm_state_size=8,
             mamba_num_heads=8, mamba_head_dim=8, n_groups=2, chunk_size=16, n_routed_experts=4,
             moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, num_experts_per_tok=2))
+    if model_type == "zamba2":
+        return t.Zamba2ForCausalLM(t.Zamba2Config(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, mamba_d_state=8,
+            mamba_headdim=8, n_mamba_heads=8, mamba_ngroups=2, chunk_size=16, use_shared_attention_adapter=True,
+            adapter_rank=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba", "hybrid"],
+            num_mem_blocks=2, use_mem_rope=True))
     raise AssertionError(model_type)
 
 
@@ -63,7 +69,7 @@ def _rerandomise(model, seed=0):
     return model.eval()
 
 
-MODEL_TYPES = ["mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "nemotron_h"]
+MODEL_TYPES = ["mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "nemotron_h", "zamba2"]
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)

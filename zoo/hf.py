@@ -131,6 +131,7 @@ class _Format:
     hf_key: Callable[[str, list[dict]], str]           # (zoo key, zoo layout) -> the on-disk HF key
     to_hf_config: Callable[[dict], dict] | None = None  # zoo config -> HF config (export)
     in_memory_roots: tuple[tuple[str, str], ...] = ()   # transformers' in-memory prefixes -> on-disk ones
+    prepare: Callable[[dict], dict] | None = None       # tensor rewrites beyond renaming (fused projections)
 
 
 def _mamba_config(hf: dict) -> dict:
@@ -301,6 +302,115 @@ def _nemotron_config(hf: dict) -> dict:
     return cfg
 
 
+def _zamba2_config(hf: dict) -> dict:
+    """Zamba2: Mamba-2 layers; "hybrid" layers run a shared attention + MLP block first (blocks alternate:
+    the k-th hybrid layer uses block k % num_mem_blocks), fed concat(hidden, embeddings), its output
+    passed through a per-site linear and added to the Mamba layer's input (zoo: output next_input)."""
+    if _get(hf, "use_long_context", False):
+        raise HFConversionError("config.json: use_long_context=true (rescaled RoPE) is not supported")
+    eps = float(_get(hf, "rms_norm_eps", 1e-5))
+    d_model = int(hf["hidden_size"])
+    types = _get(hf, "layers_block_type", required=True)
+    unknown = sorted({t for t in types if t not in ("mamba", "linear_attention", "hybrid")})
+    if unknown:
+        raise HFConversionError(f"config.json: layers_block_type has {unknown}; zamba2 layers are "
+                                f"mamba / linear_attention / hybrid")
+    n_heads = int(_get(hf, "num_attention_heads", required=True))
+    head_dim = int(_get(hf, "attention_head_dim", 2 * d_model // n_heads))
+    n_blocks = int(_get(hf, "num_mem_blocks", 1))
+    hybrid = [i for i, t in enumerate(types) if t == "hybrid"]
+    act = _get(hf, "hidden_act", "gelu")
+    if act not in ("gelu", "silu"):
+        raise HFConversionError(f"config.json: hidden_act={act!r} is not supported (gelu or silu)")
+    rope = _get(hf, "rope_parameters", {}) or {}
+    rank = int(_get(hf, "adapter_rank", 128))
+    targets = ["mlp"] + (["qkv"] if _get(hf, "use_shared_attention_adapter", False) else [])
+    cfg = _lm_common(hf, "zamba2", eps, True)
+    cfg["residual_in_fp32"] = False
+    bias = bool(_get(hf, "add_bias_linear", False))
+    cfg.update(
+        mamba2={"d_state": int(_get(hf, "mamba_d_state", 64)), "d_conv": int(_get(hf, "mamba_d_conv", 4)),
+                "expand": int(_get(hf, "mamba_expand", 2)), "headdim": int(_get(hf, "mamba_headdim", 64)),
+                "ngroups": int(_get(hf, "mamba_ngroups", 1)), "chunk_size": int(_get(hf, "chunk_size", 256)),
+                "conv_bias": True, "bias": bias, "norm_eps": 1e-5,
+                # Zamba2 clamps dt from below at time_step_min (transformers: time_step_limit)
+                "dt_limit": [float(_get(hf, "time_step_min", 1e-3)), math.inf]},
+        attention={"n_heads": n_heads, "n_kv_heads": int(_get(hf, "num_key_value_heads", n_heads)),
+                   "head_dim": head_dim, "softmax_scale": (head_dim / 2) ** -0.5,
+                   "rope": bool(_get(hf, "use_mem_rope", False)),
+                   "rope_theta": float(rope.get("rope_theta", 10000.0))},
+        mlp={"d_ff": int(_get(hf, "intermediate_size", 4 * d_model)),
+             "activation": "geglu" if act == "gelu" else "swiglu", "bias": bias},
+        shared={f"block_{b}": {"input": "concat_embeddings", "blocks": ["attention", "mlp"],
+                               "lora_rank": rank, "lora_targets": targets} for b in range(n_blocks)},
+        layers={"count": len(types), "mixer": "mamba2",
+                "insert": {f"block_{b}": {"at": hybrid[b::n_blocks]} for b in range(n_blocks) if hybrid[b::n_blocks]}},
+    )
+    return cfg
+
+
+def _zamba2_sites(layout: list[dict]) -> tuple[dict[int, int], dict[int, tuple[int, int, int]], dict[str, int]]:
+    """From the zoo layout: main position -> HF layer; site position -> (HF layer, hybrid index k,
+    HF layer holding the block's weights); block name -> HF layer holding its weights (the first
+    hybrid layer that uses it, which is where transformers saves the tied block and all its adapters)."""
+    main, sites, holder = {}, {}, {}
+    hf_layer, k = 0, 0
+    for pos, entry in enumerate(layout):
+        if entry["type"] == "shared":
+            holder.setdefault(entry["block"], hf_layer)
+            sites[pos] = (hf_layer, k, holder[entry["block"]])
+            k += 1
+        else:
+            main[pos] = hf_layer
+            hf_layer += 1
+    return main, sites, holder
+
+
+_ZAMBA2_BLOCK = {"norms.0.weight": "input_layernorm.weight", "norms.1.weight": "pre_ff_layernorm.weight",
+                 "blocks.0.": "self_attn.", "blocks.1.": "feed_forward."}
+_ZAMBA2_LORA = {"blocks_0_q_proj": "self_attn.linear_q_adapter_list", "blocks_0_k_proj": "self_attn.linear_k_adapter_list",
+                "blocks_0_v_proj": "self_attn.linear_v_adapter_list", "blocks_1_mlp": "feed_forward.gate_up_proj_adapter_list"}
+
+
+def _zamba2_key(zoo_key: str, layout: list[dict]) -> str:
+    if zoo_key in _LM_ENDS:
+        return {"embedding.weight": "model.embed_tokens.weight", "norm_f.weight": "model.final_layernorm.weight",
+                "lm_head.weight": "lm_head.weight"}[zoo_key]
+    main, sites, holder = _zamba2_sites(layout)
+    if zoo_key.startswith("shared."):
+        _, block, rest = zoo_key.split(".", 2)
+        for ours, theirs in _ZAMBA2_BLOCK.items():
+            if rest.startswith(ours):
+                return f"model.layers.{holder[block]}.shared_transformer.{theirs}{rest[len(ours):]}"
+        raise HFConversionError(f"export/import: {zoo_key} has no zamba2 counterpart")
+    pos, rest = _split_layer_key(zoo_key)
+    if pos in sites:
+        hf_layer, k, hold = sites[pos]
+        if rest == "linear.weight":
+            return f"model.layers.{hf_layer}.linear.weight"
+        _, adapter, tail = rest.split(".", 2)                       # lora.<adapter>.<0|1>.weight
+        return f"model.layers.{hold}.shared_transformer.{_ZAMBA2_LORA[adapter]}.{k}.{tail}"
+    hf_layer = main[pos]
+    hybrid = pos > 0 and layout[pos - 1]["type"] == "shared"
+    inner = "mamba_decoder." if hybrid else ""
+    if rest == "norm.weight":
+        return f"model.layers.{hf_layer}.{inner}input_layernorm.weight"
+    return f"model.layers.{hf_layer}.{inner}mamba.{rest[len('mixer.'):]}"
+
+
+def _split_gate_up(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zamba2's fused MLP Linear gate_up_proj [2 d_ff, d] (gate rows first) -> gate_proj, up_proj."""
+    out = {}
+    for key, value in hf_state.items():
+        if key.endswith("feed_forward.gate_up_proj.weight"):
+            gate, up = value.chunk(2, dim=0)
+            out[key.replace("gate_up_proj", "gate_proj")] = gate
+            out[key.replace("gate_up_proj", "up_proj")] = up
+        else:
+            out[key] = value
+    return out
+
+
 _LM_ENDS = {"embedding.weight", "norm_f.weight", "lm_head.weight"}
 
 
@@ -432,6 +542,7 @@ FORMATS: dict[str, _Format] = {
     "jamba": _Format(_jamba_config, _jamba_key, _jamba_hf_config),
     "bamba": _Format(_bamba_config, _jamba_key),
     "nemotron_h": _Format(_nemotron_config, _nemotron_key, in_memory_roots=(("model.", "backbone."),)),
+    "zamba2": _Format(_zamba2_config, _zamba2_key, prepare=_split_gate_up),
 }
 
 
@@ -494,6 +605,8 @@ def hf_to_zoo_state_dict(hf_state: dict[str, torch.Tensor], hf_config: dict, mod
     found with its exact shape, and every HF tensor must be used (rotary caches excepted)."""
     fmt = _format_of(hf_config.get("model_type"))
     hf_state = _stack_experts(_canonical_hf_keys(hf_state, fmt))
+    if fmt.prepare is not None:
+        hf_state = fmt.prepare(hf_state)
     tied = model.config.get("tie_embeddings", False)
     out, used = {}, set()
     for zoo_key, param in model.state_dict().items():
