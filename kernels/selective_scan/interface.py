@@ -7,6 +7,9 @@ from ..backend import resolve_backend
 from .reference import selective_scan_ref
 
 
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _fused_module():
     """kernels.selective_scan.fused if it is importable (it is optional), else None."""
     try:
@@ -17,14 +20,15 @@ def _fused_module():
 
 
 def _use_fused(u: torch.Tensor, backend: str) -> bool:
-    """The one place that picks the path: the fused kernel only for CUDA inputs, when the backend
-    allows it and kernels/selective_scan/fused.py imports and its `available()` says it is built.
-    (fused.py is expected to export available() and selective_scan_fn with this file's signature.)"""
-    if backend == "reference":
+    """The one place that picks the path: the fused kernel only for CUDA inputs in a dtype it takes
+    (fp32, fp16, bf16; float64 stays on the reference), when the backend allows it and
+    kernels/selective_scan/fused.py imports and its `available()` says it is built.
+    (fused.py exports available() and selective_scan_fn with this file's signature.)"""
+    if backend == "reference" or not u.is_cuda or u.dtype not in _FUSED_DTYPES:
         return False
     fused = _fused_module()
-    return (fused is not None and u.is_cuda and hasattr(fused, "available")
-            and hasattr(fused, "selective_scan_fn") and bool(fused.available()))
+    return (fused is not None and hasattr(fused, "available") and hasattr(fused, "selective_scan_fn")
+            and bool(fused.available()))
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
