@@ -101,7 +101,7 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     pad = nchunks * chunk - seqlen
 
     # Time-major layout [l, b, g, p, n] (dim = groups * per_group, p indexes channels in a group):
-    # each step of the loops below reads one contiguous slab.
+    # a step of the loops below reads whole [b, g, p, n] blocks, contiguous in memory.
     def time_major(t: torch.Tensor) -> torch.Tensor:        # [b, d, l] -> [l, b, g, p, 1]
         return t.permute(2, 0, 1).reshape(seqlen, batch, groups, per_group, 1)
 
