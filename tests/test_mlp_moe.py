@@ -87,9 +87,11 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
                                     p["experts.up_proj"][e], p["experts.down_proj"][e],
                                     b("gate_bias"), b("up_bias"), b("down_bias"))[0]
         if moe.shared_expert is not None:
-            s = moe.shared_expert
-            out[t] += naive_mlp(xt[None], s.activation, p["shared_expert.gate_proj.weight"].T,
-                                p["shared_expert.up_proj.weight"].T, p["shared_expert.down_proj.weight"].T)[0]
+            s = {n[len("shared_expert."):]: w for n, w in p.items() if n.startswith("shared_expert.")}
+            out[t] += naive_mlp(xt[None], moe.shared_expert.activation,
+                                s["gate_proj.weight"].T if moe.shared_expert.gated else None,
+                                s["up_proj.weight"].T, s["down_proj.weight"].T,
+                                s.get("gate_proj.bias"), s.get("up_proj.bias"), s.get("down_proj.bias"))[0]
     return out.view(x.shape)
 
 
@@ -99,6 +101,7 @@ MOE_CONFIGS = {
     "softmax_top3_unnormalised_bias": {"top_k": 3, "normalize_topk": False, "bias": True},
     "sigmoid_deepseek": {"top_k": 2, "router": "sigmoid", "routed_scaling_factor": 2.5,
                          "shared_expert_d_ff": 6},
+    "shared_expert_with_biases": {"top_k": 2, "shared_expert_d_ff": 6, "bias": True, "activation": "gelu"},
     "relu2_nemotron": {"top_k": 2, "router": "sigmoid", "activation": "relu2"},
 }
 
