@@ -10,7 +10,8 @@ gradients against kernels.ssd.reference in float32 by relative error (bf16: 5e-3
 gradients); deterministic mode run twice must agree bitwise.
 
 Timing: medians of triton.testing.do_bench, bf16, D + dt_bias + softplus, no z (as Mamba2 calls it
-with its gated norm), chunk 256, the SSD rows of DESIGN.md section 5. TFLOP/s counts the matmul
+with its gated norm), chunk 256, the SSD rows of DESIGN.md section 5. The forward is timed under
+torch.no_grad() (inference: the entering states are kept in bf16); forward+backward keeps them fp32. TFLOP/s counts the matmul
 work of the chunked algorithm with causal halves counted as half:
 fwd = b * nchunks * (nheads * (4 Q P N + Q^2 P) + ngroups * Q^2 N), fwd+bwd = 3 x fwd.
 """
@@ -198,6 +199,8 @@ def stages(results):
     t["chunk_state"] = b(lambda: chunk_state.chunk_state(x, B, dt_out, dA_cs, None, cs))
     states = chunk_state.chunk_state(x, B, dt_out, dA_cs, None, cs)
     t["state_passing_fwd"] = b(lambda: state_passing_fwd(states, dA_cs, None, None, cs, x.shape[1], torch.float32))
+    t["state_passing_fwd(bf16 out)"] = b(lambda: state_passing_fwd(states, dA_cs, None, None, cs, x.shape[1],
+                                                                   torch.bfloat16))
     states_in, final = state_passing_fwd(states, dA_cs, None, None, cs, x.shape[1], torch.float32)
     t["bmm"] = b(lambda: bmm_chunk(C, B, cs))
     CB = bmm_chunk(C, B, cs)
@@ -223,26 +226,25 @@ def sweep(results):
     args, _ = make_inputs(*TIME_SHAPES[0])
     cs = 256
     print("== sweep ==", flush=True)
-    base = (dict(chunk_scan.CONFIG), dict(chunk_state.CONFIG), dict(chunk_scan_bwd.CONFIG), fused.STATES_IN_FP32)
+    base = (dict(chunk_scan.CONFIG), dict(chunk_state.CONFIG), dict(chunk_scan_bwd.CONFIG))
     out = []
     variants = [
-        ("default", {}, {}, {}, True),
-        ("states_in bf16", {}, {}, {}, False),
-        ("scan t128 w8", dict(block_t=128, num_warps=8), {}, {}, True),
-        ("scan p32", dict(block_p=32), {}, {}, True),
-        ("scan n64 stages3", dict(block_n=64, num_stages=3), {}, {}, True),
-        ("state s128 w8", {}, dict(block_s=128, num_warps=8), {}, True),
-        ("bwd block32", {}, {}, dict(block=32), True),
-        ("bwd warps4", {}, {}, dict(num_warps=4), True),
-        ("bwd stages2", {}, {}, dict(num_stages=2), True),
-        ("bwd minprog 4096", {}, {}, dict(min_programs=4096), True),
-        ("bwd minprog 256", {}, {}, dict(min_programs=256), True),
+        ("default", {}, {}, {}),
+        ("scan n64 stages3", dict(block_n=64, num_stages=3), {}, {}),
+        ("scan t32", dict(block_t=32), {}, {}),
+        ("scan w8", dict(num_warps=8), {}, {}),
+        ("state s128 w8", {}, dict(block_s=128, num_warps=8), {}),
+        ("state w8", {}, dict(num_warps=8), {}),
+        ("bwd minprog 256", {}, {}, dict(min_programs=256)),
+        ("bwd minprog 512", {}, {}, dict(min_programs=512)),
+        ("bwd block32", {}, {}, dict(block=32)),
+        ("bwd warps4", {}, {}, dict(num_warps=4)),
+        ("default again", {}, {}, {}),
     ]
-    for name, scan_cfg, state_cfg, bwd_cfg, fp32_states in variants:
+    for name, scan_cfg, state_cfg, bwd_cfg in variants:
         chunk_scan.CONFIG.update(scan_cfg)
         chunk_state.CONFIG.update(state_cfg)
         chunk_scan_bwd.CONFIG.update(bwd_cfg)
-        fused.STATES_IN_FP32 = fp32_states
         try:
             fwd = bench(fused.mamba_chunk_scan_combined, args, None, cs, False)
             fb = bench(fused.mamba_chunk_scan_combined, args, None, cs, True)
@@ -253,8 +255,70 @@ def sweep(results):
         chunk_scan.CONFIG.clear(); chunk_scan.CONFIG.update(base[0])        # noqa: E702
         chunk_state.CONFIG.clear(); chunk_state.CONFIG.update(base[1])      # noqa: E702
         chunk_scan_bwd.CONFIG.clear(); chunk_scan_bwd.CONFIG.update(base[2])  # noqa: E702
-        fused.STATES_IN_FP32 = base[3]
     results["sweep"] = out
+
+
+def extras(results):
+    """The fused gated RMSNorm and the decode step: check against their references, then time."""
+    from triton.testing import do_bench
+    from kernels.norm import gated_rms_norm
+    from kernels.norm.reference import gated_rms_norm_ref
+    from kernels.ssd.reference import ssd_step_ref
+    print("== gated RMSNorm (bf16, rows = 8 x 2048) ==", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rows = []
+    for d, ngroups, nbg in ((4096, 1, False), (4096, 8, False), (2048, 1, True), (1000, 4, False)):
+        x = torch.randn(8, 2048, d, generator=g, device="cuda").bfloat16().requires_grad_()
+        z = torch.randn(8, 2048, d, generator=g, device="cuda").bfloat16().requires_grad_()
+        w = (1 + 0.2 * torch.randn(d, generator=g, device="cuda")).requires_grad_()
+        gy = torch.randn(8, 2048, d, generator=g, device="cuda").bfloat16()
+        args = (x, z, w, 1e-5, d // ngroups, nbg)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        y = gated_rms_norm(*args, backend="fused")
+        gr = torch.autograd.grad(y, (x, z, w), gy)
+        torch.use_deterministic_algorithms(False)
+        xf, zf, wf = (t.detach().float().requires_grad_() for t in (x, z, w))
+        yr = gated_rms_norm_ref(xf, zf, wf, 1e-5, d // ngroups, nbg)
+        grr = torch.autograd.grad(yr, (xf, zf, wf), gy.float())
+        errs = [rel_err(y, yr)] + [rel_err(a, b) for a, b in zip(gr, grr)]
+        f = do_bench(lambda: gated_rms_norm(*args, backend="fused"), return_mode="median")
+        r = do_bench(lambda: gated_rms_norm_ref(*args), return_mode="median")
+        fb = do_bench(lambda: torch.autograd.grad(gated_rms_norm(*args, backend="fused"), (x, z, w), gy),
+                      return_mode="median")
+        rb = do_bench(lambda: torch.autograd.grad(gated_rms_norm_ref(*args), (x, z, w), gy), return_mode="median")
+        gbps = 3 * x.numel() * 2 / f / 1e6
+        row = dict(d=d, ngroups=ngroups, norm_before_gate=nbg, errs=errs, fused_fwd=f, ref_fwd=r,
+                   fused_fwdbwd=fb, ref_fwdbwd=rb, fwd_GBps=gbps)
+        ok = errs[0] <= 5e-3 and max(errs[1:]) <= 1e-2
+        print(("PASS " if ok else "FAIL ") + str(row), flush=True)
+        rows.append(row)
+    results["gated_norm"] = rows
+    print("== decode step (bf16 in, fp32 state) ==", flush=True)
+    rows = []
+    for batch, nheads, headdim, dstate, ngroups in ((1, 64, 64, 128, 1), (32, 64, 64, 128, 8), (128, 32, 64, 128, 1)):
+        state = torch.randn(batch, nheads, headdim, dstate, generator=g, device="cuda")
+        x = torch.randn(batch, nheads, headdim, generator=g, device="cuda").bfloat16()
+        z = torch.randn(batch, nheads, headdim, generator=g, device="cuda").bfloat16()
+        dt = torch.randn(batch, nheads, generator=g, device="cuda").bfloat16()
+        A = -torch.rand(nheads, generator=g, device="cuda")
+        B = torch.randn(batch, ngroups, dstate, generator=g, device="cuda").bfloat16()
+        C = torch.randn(batch, ngroups, dstate, generator=g, device="cuda").bfloat16()
+        D = torch.randn(nheads, generator=g, device="cuda")
+        bias = torch.randn(nheads, generator=g, device="cuda")
+        kw = dict(D=D, z=z, dt_bias=bias, dt_softplus=True)
+        s1, s2 = state.clone(), state.clone()
+        y1 = fused.ssd_step(s1, x, dt, A, B, C, **kw)
+        y2 = ssd_step_ref(s2, x, dt, A, B, C, **kw)
+        errs = [rel_err(y1, y2), rel_err(s1, s2)]
+        f = do_bench(lambda: fused.ssd_step(s1, x, dt, A, B, C, **kw), return_mode="median")
+        r = do_bench(lambda: ssd_step_ref(s2, x, dt, A, B, C, **kw), return_mode="median")
+        row = dict(batch=batch, nheads=nheads, headdim=headdim, dstate=dstate, ngroups=ngroups, errs=errs,
+                   fused_ms=f, ref_ms=r, state_GBps=2 * state.numel() * 4 / f / 1e6)
+        ok = max(errs) <= 5e-3
+        print(("PASS " if ok else "FAIL ") + str(row), flush=True)
+        rows.append(row)
+    results["step"] = rows
 
 
 def main():
@@ -262,6 +326,7 @@ def main():
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip timing the plain-PyTorch reference")
+    p.add_argument("--extras", action="store_true", help="also check and time the gated norm and decode step")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/ssd.py needs a CUDA GPU")
@@ -269,12 +334,22 @@ def main():
     import triton
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     results = dict(device=torch.cuda.get_device_name(), check=[], timings=[])
+    from triton.testing import do_bench
+    big = torch.randn(1 << 28, device="cuda")  # 1 GiB: device copy bandwidth (read + write)
+    ms = do_bench(lambda: big.clone(), return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = do_bench(lambda: a @ a, return_mode="median")
+    results["ceilings"] = dict(copy_TBps=2 * big.numel() * 4 / ms / 1e9, bf16_matmul_TFLOPs=2 * 8192 ** 3 / mm / 1e9)
+    print("ceilings:", results["ceilings"], flush=True)
+    del big, a
     t0 = time.time()
     ok = True
     if not a.skip_check:
         ok = check(results)
     timings(results, with_reference=not a.no_reference)
     stages(results)
+    if a.extras:
+        extras(results)
     if a.sweep:
         sweep(results)
     path = os.path.join(os.environ.get("OUT", "."), "ssd.json")

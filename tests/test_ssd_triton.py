@@ -145,7 +145,7 @@ def measure_opcheck(fused):
     what torch.compile relies on); returns the failure text or ''."""
     inputs, seq_idx = make_inputs(1, 20, 2, 16, 16, 1, n_docs=2, seed=3)
     args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 16, inputs["D"], inputs["z"],
-            inputs["dt_bias"], True, 0.0, math.inf, inputs["initial_states"], seq_idx, True)
+            inputs["dt_bias"], True, 0.0, math.inf, inputs["initial_states"], seq_idx, True, True)
     try:
         torch.library.opcheck(fused._ssd_fwd_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

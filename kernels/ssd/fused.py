@@ -32,13 +32,13 @@ _NO_LIMIT = (0.0, math.inf)
 DETERMINISTIC_ENV = "HYBRID_ZOO_DETERMINISTIC"
 # the backward keeps a [headdim, d_state] tile of the state gradient in registers
 MAX_HEADDIM, MAX_DSTATE = 256, 256
-# dtype of the states entering each chunk (saved for the backward): float32, or the inputs' dtype
-# (half the bytes; the kernels read them into the inputs' dtype for the dots anyway)
-STATES_IN_FP32 = True
 
 
-def _states_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if STATES_IN_FP32 else x.dtype
+def _states_dtype(x: torch.Tensor, for_backward: bool) -> torch.dtype:
+    """The states entering each chunk: float32 when the backward will read them (its decay gradient
+    needs them to ~fp32 accuracy), else the inputs' dtype: half the bytes, and the forward's dot
+    reads them in that dtype anyway."""
+    return torch.float32 if for_backward or x.dtype == torch.float32 else x.dtype
 
 
 def available() -> bool:
@@ -68,14 +68,15 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # forward and backward on contiguous tensors
 
-def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
+def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
+             for_backward=True):
     """Returns out [b, l, h, p], final_states float32 [b, h, p, n], and what the backward reuses:
     dt_out, dA_cs [b, h, nchunks, chunk_size], states_in [b, nchunks, h, p, n], y (the
     output before the gate; empty without z)."""
     dt_out, dA_cs = chunk_cumsum.chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)
     states = chunk_state.chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True)
     states_in, final = state_passing.state_passing_fwd(states, dA_cs, initial_states, seq_idx, chunk_size, x.shape[1],
-                                         _states_dtype(x))
+                                         _states_dtype(x, for_backward))
     CB = bmm.bmm_chunk(C, B, chunk_size)
     out, y = chunk_scan.chunk_scan_fwd(x, z, C, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size)
     return out, final, dt_out, dA_cs, states_in, (y if y is not None else _empty(x))
@@ -110,14 +111,15 @@ if _HAVE_TRITON:
     def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     chunk_size: int, D: torch.Tensor | None, z: torch.Tensor | None,
                     dt_bias: torch.Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
-                    initial_states: torch.Tensor | None, seq_idx: torch.Tensor | None, deterministic: bool
+                    initial_states: torch.Tensor | None, seq_idx: torch.Tensor | None, deterministic: bool,
+                    for_backward: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max),
-                        initial_states, seq_idx)
+                        initial_states, seq_idx, for_backward)
 
     @_ssd_fwd_op.register_fake
     def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, seq_idx,
-          deterministic):
+          deterministic, for_backward):
         batch, seqlen, nheads, headdim = x.shape
         dstate = B.shape[-1]
         nchunks = -(-seqlen // chunk_size)
@@ -125,7 +127,7 @@ if _HAVE_TRITON:
         return (torch.empty_like(x), x.new_empty(batch, nheads, headdim, dstate, dtype=torch.float32),
                 torch.empty(batch, nheads, nchunks, chunk_size, **f32),
                 torch.empty(batch, nheads, nchunks, chunk_size, **f32),
-                torch.empty(batch, nchunks, nheads, headdim, dstate, device=x.device, dtype=_states_dtype(x)),
+                torch.empty(batch, nchunks, nheads, headdim, dstate, device=x.device, dtype=_states_dtype(x, for_backward)),
                 torch.empty_like(x) if z is not None else x.new_empty(0))
 
     @torch.library.custom_op("hybrid_zoo::ssd_chunk_scan_bwd", mutates_args=())
@@ -154,7 +156,7 @@ if _HAVE_TRITON:
 
     def _setup_context(ctx, inputs, output):
         (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, seq_idx,
-         deterministic) = inputs
+         deterministic, for_backward) = inputs
         out, final, dt_out, dA_cs, states_in, y = output
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, final, dt_out, dA_cs,
                               states_in, y)
@@ -171,7 +173,7 @@ if _HAVE_TRITON:
             initial_states, seq_idx, final, dt_out, dA_cs, states_in, y, deterministic)
         cast = (lambda g, t: g.to(t.dtype) if t is not None else None)
         return (dx, cast(ddt, dt), cast(dA, A), cast(dB, B), cast(dC, C), None, cast(dD, D), cast(dz, z),
-                cast(ddt_bias, dt_bias), None, None, None, cast(dinit, initial_states), None, None)
+                cast(ddt_bias, dt_bias), None, None, None, cast(dinit, initial_states), None, None, None)
 
     _ssd_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
@@ -199,9 +201,13 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     B, C = B.to(x.dtype).contiguous(), C.to(x.dtype).contiguous()
     z = z.contiguous() if z is not None else None
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-    out, final, *_ = _ssd_fwd_op(x, dt.contiguous(), A.contiguous(), B, C, int(chunk_size), D, z, dt_bias,
+    for_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
+    out, final, *_ = _ssd_fwd_op(x, dt.contiguous(), A.contiguous(), B, C, int(chunk_size),
+                                 D.contiguous() if D is not None else None, z,
+                                 dt_bias.contiguous() if dt_bias is not None else None,
                                  bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
-                                 initial_states, seq_idx, _deterministic(deterministic))
+                                 initial_states, seq_idx, _deterministic(deterministic), for_backward)
     return (out, final) if return_final_states else out
 
 

@@ -62,7 +62,7 @@ def _bwd_dx_kernel(
     s_dB_split, s_dB_b, s_dB_l, s_dB_g, s_dB_n,
     s_dD_b, s_dD_k, s_dD_h,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: a block of positions s of one chunk, for heads_per_prog heads of one group
     (accumulating the group's dB over them). dtype of the dots: the inputs'."""
@@ -106,19 +106,27 @@ def _bwd_dx_kernel(
 
         # the leaving state's gradient dS [p, n] seen from position s
         st = dstates_ptr + pid_b * s_st_b + pid_c * s_st_c + pid_h * s_st_h
-        dS_t = tl.load(st + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
-                       mask=n_in[:, None] & p_in[None, :], other=0.0).to(x_s.dtype)       # [n, p]
+        dS_t32 = tl.load(st + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
+                         mask=n_in[:, None] & p_in[None, :], other=0.0)                    # [n, p]
+        dS_t = dS_t32.to(x_s.dtype)
         dS = tl.load(st + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n,
                      mask=p_in[:, None] & n_in[None, :], other=0.0).to(x_s.dtype)         # [p, n]
         to_end = tl.exp(dA_last - dA_s)
         if HAS_SEQ_IDX:
             to_end = tl.where(doc_s == doc_last, to_end, 0.0)
         to_end = tl.where(s_in, to_end, 0.0)
-        acc = tl.dot(b_s, dS_t) * to_end[:, None]                                         # [s, p]
-        state_term = tl.sum(acc * x_s.to(tl.float32), axis=1)
+        acc_state = tl.dot(b_s, dS_t)
+        if SPLIT:
+            # dS's bf16 rounding remainder as a second dot: the decay gradient below subtracts this
+            # term from <dS, S> of similar size, so it needs ~fp32 accuracy
+            acc_state += tl.dot(b_s, (dS_t32 - dS_t.to(tl.float32)).to(x_s.dtype))
+        acc_state = acc_state * to_end[:, None]                                           # [s, p]
+        state_term = tl.sum(acc_state * x_s.to(tl.float32), axis=1)
         dB_acc += tl.dot(x_s, dS) * (to_end * dt_s)[:, None]
 
-        colsum = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        # in-chunk part: acc feeds dx only; ddt's in-chunk part is summed from exact fp32 products
+        acc = tl.zeros((BLOCK_S, BLOCK_P), dtype=tl.float32)
+        ddt_intra = tl.zeros((BLOCK_S,), dtype=tl.float32)
         for t0 in range(pid_s * BLOCK_S, hi, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_in = offs_t < chunk_len
@@ -136,15 +144,16 @@ def _bwd_dx_kernel(
             acc += tl.dot(m_t.to(dy_t.dtype), dy_t)
             dyT = tl.load(dy_ptr + head_x + offs_p[:, None] * s_x_p + offs_t[None, :] * s_x_l,
                           mask=p_in[:, None] & t_in[None, :], other=0.0)                 # [p, t]
-            w_t = tl.where(keep, tl.dot(x_s, dyT) * decay, 0.0) * dt_s[:, None]           # W[t, s] as [s, t]
+            u_t = tl.where(keep, tl.dot(x_s, dyT) * decay, 0.0)                            # W[t, s] / dt[s] as [s, t]
+            ddt_intra += tl.sum(u_t * cb_t, axis=1)
             c_t = tl.load(C_ptr + offs_t[:, None] * s_B_l + offs_n[None, :] * s_B_n,
                           mask=t_in[:, None] & n_in[None, :], other=0.0)
-            dB_acc += tl.dot(w_t.to(c_t.dtype), c_t)
-            colsum += tl.sum(tl.where(keep, w_t * cb_t, 0.0), axis=1)
+            dB_acc += tl.dot((u_t * dt_s[:, None]).to(c_t.dtype), c_t)
+        colsum = ddt_intra * dt_s
 
         dy_s = tl.load(dy_ptr + head_x + xy_offs, mask=xy_mask, other=0.0).to(tl.float32)
         xf = x_s.to(tl.float32)
-        dx = acc * dt_s[:, None]
+        dx = (acc + acc_state) * dt_s[:, None]
         if HAS_D:
             if D_PER_CHANNEL:
                 d = tl.load(D_ptr + pid_h * s_D_h + offs_p, mask=p_in, other=0.0).to(tl.float32)[None, :]
@@ -155,7 +164,7 @@ def _bwd_dx_kernel(
             tl.store(dD_ptr + pid_b * s_dD_b + (pid_c * tl.num_programs(1) + pid_s) * s_dD_k
                      + pid_h * s_dD_h + offs_p, dD, mask=p_in)
         tl.store(dx_ptr + head_x + xy_offs, dx.to(dx_ptr.dtype.element_ty), mask=xy_mask)
-        tl.store(ddt_ptr + head_dt + offs_s, tl.sum(acc * xf, axis=1), mask=offs_s < chunk_size)
+        tl.store(ddt_ptr + head_dt + offs_s, ddt_intra + state_term, mask=offs_s < chunk_size)
         tl.store(dda_ptr + head_dt + offs_s, -colsum - dt_s * state_term, mask=offs_s < chunk_size)
 
     dB_out = (dB_ptr + pid_b * s_dB_b + (chunk_start + offs_s[:, None]) * s_dB_l + pid_g * s_dB_g
@@ -178,7 +187,7 @@ def _bwd_dc_kernel(
     s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
     s_sq_b, s_sq_l,
     s_dC_split, s_dC_b, s_dC_l, s_dC_g, s_dC_n,
-    HAS_SEQ_IDX: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: a block of positions t of one chunk, for heads_per_prog heads of one group:
@@ -221,13 +230,17 @@ def _bwd_dc_kernel(
 
         # the entering state: y[t] += exp(dA_cs[t]) C[t] . S_c
         st = states_in_ptr + pid_b * s_st_b + pid_c * s_st_c + pid_h * s_st_h
-        S = tl.load(st + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n,
-                    mask=p_in[:, None] & n_in[None, :], other=0.0).to(dy_t.dtype)           # [p, n]
+        S32 = tl.load(st + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n,
+                      mask=p_in[:, None] & n_in[None, :], other=0.0).to(tl.float32)          # [p, n]
+        S = S32.to(dy_t.dtype)
         from_start = tl.exp(dA_t)
         if HAS_SEQ_IDX:
             from_start = tl.where(doc_t == doc_prev, from_start, 0.0)
         from_start = tl.where(t_in, from_start, 0.0)
-        acc = tl.dot(dy_t, S) * from_start[:, None]                                        # [t, n]
+        acc = tl.dot(dy_t, S)
+        if SPLIT:  # S's rounding remainder: the decay gradient needs this term to ~fp32 accuracy
+            acc += tl.dot(dy_t, (S32 - S.to(tl.float32)).to(dy_t.dtype))
+        acc = acc * from_start[:, None]                                                    # [t, n]
         dda = tl.sum(acc * c_t, axis=1)
 
         rowsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -315,13 +328,13 @@ def chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D, seq_id
         *common, D.stride(0) if D is not None else 0, sq.stride(0), sq.stride(1),
         *dB.stride(), dDp.stride(0), dDp.stride(1), dDp.stride(2),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-        HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic,
+        HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic, SPLIT=x.dtype != torch.float32,
         BLOCK_S=block, BLOCK_T=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"],
     )
     _bwd_dc_kernel[grid](
         x, dy, B, C, CB, dt_out, dA_cs, states_in, sq, dC, dda,
         *common, sq.stride(0), sq.stride(1), *dC.stride(),
-        HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic,
+        HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic, SPLIT=x.dtype != torch.float32,
         BLOCK_T=block, BLOCK_S=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"],
     )
     if dD is not None:

@@ -25,7 +25,7 @@ def _chunk_state_kernel(
     s_dt_b, s_dt_h, s_dt_c,
     s_sq_b, s_sq_l,
     s_o_b, s_o_c, s_o_h, s_o_p, s_o_n,
-    TO_END: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    TO_END: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bch = tl.program_id(0)
@@ -69,8 +69,14 @@ def _chunk_state_kernel(
             sq = tl.load(seq_idx_ptr + offs_s * s_sq_l, mask=in_chunk, other=-1)
             scale = tl.where(sq == doc, scale, 0.0)
         scale = tl.where(in_chunk, scale, 0.0)
-        b = (b.to(tl.float32) * scale[:, None]).to(xt.dtype)
-        acc += tl.dot(xt, b)
+        bf = b.to(tl.float32) * scale[:, None]
+        b_hi = bf.to(xt.dtype)
+        acc += tl.dot(xt, b_hi)
+        if SPLIT:
+            # the scaled B is not representable in bf16/fp16: add the rounding remainder as a second
+            # dot, so the states are accurate to ~fp32 (the backward's decay gradient subtracts
+            # large terms computed from them)
+            acc += tl.dot(xt, (bf - b_hi.to(tl.float32)).to(xt.dtype))
     out_ptr += pid_b * s_o_b + pid_c * s_o_c + pid_h * s_o_h
     tl.store(out_ptr + offs_p[:, None] * s_o_p + offs_n[None, :] * s_o_n, acc,
              mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
@@ -96,7 +102,7 @@ def chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True):
         dt_out.stride(0), dt_out.stride(1), dt_out.stride(2),
         sq.stride(0), sq.stride(1),
         *out.stride(),
-        TO_END=to_end, HAS_SEQ_IDX=seq_idx is not None,
+        TO_END=to_end, HAS_SEQ_IDX=seq_idx is not None, SPLIT=x.dtype != torch.float32,
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_S=block_s,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
