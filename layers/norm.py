@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.norm import gated_rms_norm as fused_gated_rms_norm
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight, in fp32; x: [..., d], weight: [d] or None."""
@@ -81,6 +83,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if x.is_cuda:  # fused Triton kernel, same math (kernels/norm; HYBRID_ZOO_KERNELS=reference opts out)
+            return fused_gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
         return gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ The kernel is a torch.library custom op with a fake implementation: torch.compil
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -13,15 +14,19 @@ import torch
 from ..backend import resolve_backend
 from .reference import gated_rms_norm_ref
 
-try:
-    from . import triton_gated_norm as _tk
-except ImportError:  # no Triton: the reference serves every call
-    _tk = None
+# Triton is imported on first use, not with the layers (importing it early would fix its
+# interpreter mode for the whole process)
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _tk():
+    from . import triton_gated_norm
+    return triton_gated_norm
 
 
 def available() -> bool:
-    """The Triton kernel can run: Triton imports and there is a GPU (or TRITON_INTERPRET=1)."""
-    return _tk is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    """The Triton kernel can run: Triton is installed and there is a GPU (or TRITON_INTERPRET=1)."""
+    return _HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _use_fused(x: torch.Tensor, backend: str) -> bool:
@@ -30,11 +35,11 @@ def _use_fused(x: torch.Tensor, backend: str) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-if _tk is not None:
+if _HAVE_TRITON:
     @torch.library.custom_op("hybrid_zoo::gated_rms_norm_fwd", mutates_args=())
     def _fwd_op(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
                 group_size: int, norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _tk.gated_norm_fwd(x, z, weight, eps, group_size, norm_before_gate)
+        return _tk().gated_norm_fwd(x, z, weight, eps, group_size, norm_before_gate)
 
     @_fwd_op.register_fake
     def _(x, z, weight, eps, group_size, norm_before_gate):
@@ -43,7 +48,7 @@ if _tk is not None:
     @torch.library.custom_op("hybrid_zoo::gated_rms_norm_bwd", mutates_args=())
     def _bwd_op(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor | None,
                 rstd: torch.Tensor, group_size: int, norm_before_gate: bool) -> list[torch.Tensor]:
-        dx, dz, dw = _tk.gated_norm_bwd(dy, x, z, weight, rstd, group_size, norm_before_gate)
+        dx, dz, dw = _tk().gated_norm_bwd(dy, x, z, weight, rstd, group_size, norm_before_gate)
         return [dx, dz if dz is not None else x.new_empty(0), dw if dw is not None else x.new_empty(0)]
 
     @_bwd_op.register_fake
