@@ -1,13 +1,17 @@
 """Attention against a naive float64 definition; KV-cache continuation, sliding window, packed documents,
 RoPE's relative-position property, argument errors."""
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from helpers import assert_close, randn, random_seq_idx, run_documents_separately, run_in_pieces
 from layers.attention import Attention, KVCache, flash_attn_available
-from layers.rope import apply_rope, rope_cos_sin
+from layers.rope import apply_rope, apply_rope_ref, rope_cos_sin
 
 
 def _randomise(layer: Attention, seed: int) -> Attention:
@@ -250,3 +254,38 @@ def test_cuda_bf16_sdpa_matches_fp32_math_with_cache(name):
     assert_close(gpu(xg).float().cpu(), ref, 1e-2, "full")
     assert_close(run_in_pieces(gpu, xg, [100, 101, 250]).float().cpu(), ref, 1e-2, "pieces")
     assert_close(gpu(xg, seq_idx=sid.cuda()).float().cpu(), cpu(x, seq_idx=sid), 1e-2, "packed")
+
+
+# The fused RoPE kernel against the PyTorch specification, outputs and gradients, partial rotary and
+# bf16 included. TRITON_INTERPRET=1 must precede Triton's first import, hence a fresh process on CPU.
+ROPE_KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    from layers.rope import _use_triton, apply_rope, apply_rope_ref, rope_cos_sin
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [((2, 5, 3, 8), 8, torch.float32), ((1, 7, 2, 12), 6, torch.float32),
+             ((2, 3, 4, 16), 8, torch.bfloat16), ((1, 300, 5, 64), 32, torch.bfloat16)]
+    for shape, rotary_dim, dtype in cases:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
+        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+        cos, sin = rope_cos_sin(torch.arange(40, 40 + shape[1], device=device), rotary_dim, 100.0)
+        assert _use_triton(x), "the Triton kernel should serve this input"
+        y = apply_rope(x, cos, sin)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        y_ref = apply_rope_ref(x, cos, sin)
+        (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        for a, b, what in ((y, y_ref, "out"), (dx, dx_ref, "grad")):
+            err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+            assert err < tol, (shape, rotary_dim, dtype, what, err)
+    print("ROPE_KERNEL_OK")
+""")
+
+
+def test_fused_rope_kernel_matches_pytorch_specification():
+    env = dict(os.environ, TRITON_INTERPRET="0" if torch.cuda.is_available() else "1", HYBRID_ZOO_KERNELS="auto")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", ROPE_KERNEL_CHECK], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert "ROPE_KERNEL_OK" in result.stdout, result.stdout + result.stderr
