@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import types
 
 import torch
 from torch import nn
@@ -159,16 +158,15 @@ class BiMamba(Mamba):
             for norm in (self.dt_layernorm_b, self.b_layernorm_b, self.c_layernorm_b):
                 norm.weight.fill_(1.0)
 
-    def _backward_direction(self):
-        """The backward parameters under the forward names, so Mamba.ssm runs them unchanged."""
-        view = types.SimpleNamespace(
-            d_inner=self.d_inner, d_state=self.d_state, dt_rank=self.dt_rank, backend=self.backend,
-            inner_norms=self.inner_norms, conv1d=self.conv1d_b, x_proj=self.x_proj_b,
-            dt_proj=self.dt_proj_b, A_log=self.A_b_log, D=self.D_b)
+    def _backward_direction(self) -> "_Renamed":
+        """This layer with the backward parameters under the forward names, so Mamba.ssm runs them
+        unchanged (every other attribute is read from the layer itself)."""
+        names = {"conv1d": self.conv1d_b, "x_proj": self.x_proj_b, "dt_proj": self.dt_proj_b,
+                 "A_log": self.A_b_log, "D": self.D_b}
         if self.inner_norms is not None:
-            view.dt_layernorm, view.b_layernorm, view.c_layernorm = (
-                self.dt_layernorm_b, self.b_layernorm_b, self.c_layernorm_b)
-        return view
+            names.update(dt_layernorm=self.dt_layernorm_b, b_layernorm=self.b_layernorm_b,
+                         c_layernorm=self.c_layernorm_b)
+        return _Renamed(self, names)
 
     def init_state(self, batch_size: int, *, dtype=None, device=None, **kwargs):
         raise ValueError("BiMamba: a bidirectional mixer reads the future, so it has no incremental state; "
@@ -187,3 +185,14 @@ class BiMamba(Mamba):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", combine={self.combine}"
+
+
+class _Renamed:
+    """A read-only view of `owner` in which some attribute names point at other objects."""
+
+    def __init__(self, owner, names: dict):
+        self.__dict__.update(names)
+        self._owner = owner
+
+    def __getattr__(self, name):                 # only called for names not set in __init__
+        return getattr(self._owner, name)

@@ -217,22 +217,28 @@ def test_active_parameters_count_top_k_of_the_experts():
 
 # ------------------------------------------------------------------------------ bidirectional
 
-def test_bimamba_is_the_average_of_forward_and_flipped_twin_mambas():
+@pytest.mark.parametrize("inner_norms", [None, "learned"])
+def test_bimamba_is_the_average_of_forward_and_flipped_twin_mambas(inner_norms):
     from layers.bidirectional import BiMamba
     from layers.mamba import Mamba
 
     torch.manual_seed(0)
-    bi = BiMamba(16, d_state=4)
-    fwd, bwd = Mamba(16, d_state=4), Mamba(16, d_state=4)
+    bi = BiMamba(16, d_state=4, inner_norms=inner_norms)
+    with torch.no_grad():                           # norms start at one: make the two directions differ
+        for name, p in bi.named_parameters():
+            if "layernorm" in name:
+                p.normal_()
+    fwd, bwd = Mamba(16, d_state=4, inner_norms=inner_norms), Mamba(16, d_state=4, inner_norms=inner_norms)
     sd = bi.state_dict()
     shared = {k: v for k, v in sd.items() if k.startswith(("in_proj", "out_proj"))}
     fwd.load_state_dict({k: v for k, v in sd.items() if k in fwd.state_dict()})
-    rename = {"conv1d_b": "conv1d", "x_proj_b": "x_proj", "dt_proj_b": "dt_proj", "A_b_log": "A_log", "D_b": "D"}
     backward = {}
     for k, v in sd.items():
         head, _, tail = k.partition(".")
-        if head in rename:
-            backward[rename[head] + (("." + tail) if tail else "")] = v
+        if head in ("A_b_log", "D_b"):
+            backward[{"A_b_log": "A_log", "D_b": "D"}[head]] = v
+        elif head.endswith("_b"):                    # conv1d_b, x_proj_b, dt_proj_b, *_layernorm_b
+            backward[head[:-2] + "." + tail] = v
     bwd.load_state_dict({**backward, **shared})
     x = torch.randn(2, 11, 16)
     want = (fwd(x) + bwd(x.flip(1)).flip(1)) / 2
