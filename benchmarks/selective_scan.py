@@ -63,7 +63,7 @@ def bytes_moved(batch, dim, seqlen, dstate, backward=False):
     bc = 2 * batch * dstate * seqlen * 2
     if not backward:
         return 4 * rows + bc                                    # u, delta, z in; out
-    chunk_states = batch * dim * ((seqlen + 255) // 256) * dstate * 4
+    chunk_states = batch * dim * ((seqlen + 127) // 128) * dstate * 4
     fwd = 3 * rows + bc + chunk_states                          # forward that saves chunk states (no out)
     bwd = 4 * rows + bc + chunk_states + 3 * rows + 2 * batch * dstate * seqlen * 4
     return fwd + bwd
@@ -117,8 +117,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, first shape only")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "selective_scan_bench.json"))
+    parser.add_argument("--profile-once", action="store_true",
+                        help="run the first shape's forward and forward+backward twice each, untimed (for ncu)")
     args = parser.parse_args()
     assert fused.available(), "the fused kernel did not build"
+    if args.profile_once:
+        x = make(*SHAPES[0][0], seed=2, requires_grad=True)
+        for _ in range(2):
+            with torch.no_grad():
+                fused.selective_scan_fused(**x, delta_softplus=True)
+            fused.selective_scan_fused(**x, delta_softplus=True).float().sum().backward()
+        torch.cuda.synchronize()
+        return
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)", flush=True)
@@ -140,19 +150,18 @@ def main():
             out = fused.selective_scan_fused(**xg, delta_softplus=True, deterministic=det)
             torch.autograd.grad(out, list(xg.values()), dout)
 
-        for variant in (0, 1, 2, 3):
+        for variant in (0, 1, 2, 3, 4):
             for warps in (4, 8):
                 fused.FORWARD_VARIANT, fused.FORWARD_WARPS = variant, warps
                 r[f"fwd_v{variant}_w{warps}"] = time_ms(fwd, args.quick)
         best = min((k for k in r if k.startswith("fwd_v")), key=lambda k: r[k])
         fused.FORWARD_VARIANT, fused.FORWARD_WARPS = int(best[5]), int(best.split("_w")[1])
         r["fwd_best"] = best
-        for mb in (1, 2):
-            for sa in (False, True):
-                fused.BACKWARD_MIN_BLOCKS, fused.BACKWARD_SMEM_ATOMICS = mb, sa
-                r[f"fwdbwd_mb{mb}_sa{int(sa)}"] = time_ms(fwd_bwd, args.quick)
-        best_b = min((k for k in r if k.startswith("fwdbwd_mb")), key=lambda k: r[k])
-        fused.BACKWARD_MIN_BLOCKS, fused.BACKWARD_SMEM_ATOMICS = int(best_b[9]), best_b.endswith("1")
+        for variant in (0, 1, 2, 3):
+            fused.BACKWARD_VARIANT = variant
+            r[f"fwdbwd_v{variant}"] = time_ms(fwd_bwd, args.quick)
+        best_b = min((k for k in r if k.startswith("fwdbwd_v")), key=lambda k: r[k])
+        fused.BACKWARD_VARIANT = int(best_b[8])
         r["fwdbwd_best"] = best_b
         r["fwdbwd_det"] = time_ms(lambda: fwd_bwd(True), args.quick)
         r["fwd"] = r[best]

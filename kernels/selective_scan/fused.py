@@ -41,9 +41,8 @@ POISON_OUTPUTS = os.environ.get("HYBRID_ZOO_POISON_OUTPUTS", "0") not in ("", "0
 
 # launch shape (benchmarks/selective_scan.py times the alternatives; NOTES.md records the choice)
 FORWARD_WARPS = 4          # channels per forward block, 1..8
-FORWARD_VARIANT = 0        # 0: 8 tokens per lane; 1: 8 tokens, 2 state indices interleaved; 2: 16 tokens
-BACKWARD_MIN_BLOCKS = 2    # 2 caps the backward's registers at 128 so two blocks fit a multiprocessor
-BACKWARD_SMEM_ATOMICS = True   # dB/dC: shared-memory atomics per 16 state indices (not in deterministic mode)
+FORWARD_VARIANT = 2        # tokens per lane / register cap, 0..4 (csrc/forward.cu lists them)
+BACKWARD_VARIANT = 1       # tokens per lane / blocks per multiprocessor, 0..3 (csrc/backward.cu)
 
 _lock = threading.Lock()
 _ext = None
@@ -130,7 +129,7 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
               seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool,
               deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """out [b, d, l] (u's dtype), last_state [b, d, n] fp32, chunk_states [b, d, nchunks, n] fp32
-    (the state entering every 256-token chunk, for the backward; empty when save_states is False)."""
+    (the state entering every 128-token chunk, for the backward; empty when save_states is False)."""
     ext = _load()
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -150,7 +149,7 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
                    save_states, deterministic):
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    nchunks = (seqlen + 255) // 256
+    nchunks = (seqlen + 127) // 128
     out = u.new_empty(u.shape)
     last_state = u.new_empty(batch, dim, dstate, dtype=torch.float32)
     chunk_states = (u.new_empty(batch, dim, nchunks, dstate, dtype=torch.float32) if save_states
@@ -190,8 +189,7 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
         dBC = _empty(2, batch, groups, 1, dstate, seqlen, like=u, dtype=f32)
     ext.backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk_states, dout,
                  dlast_state, du, ddelta, dz if z is not None else None, dA_part, dD_part, dbias_part,
-                 dinitial_state, dBC, slices, atomic, BACKWARD_MIN_BLOCKS,
-                 BACKWARD_SMEM_ATOMICS and not deterministic)
+                 dinitial_state, dBC, slices, atomic, BACKWARD_VARIANT)
     dBC = dBC.sum(dim=3) if slices > 1 else dBC.squeeze(3)
     return du, ddelta, dz, dA_part.sum(0), dBC, dD_part.sum(0), dbias_part.sum(0), dinitial_state
 

@@ -119,8 +119,7 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
               const c10::optional<at::Tensor>& dlast_state, at::Tensor& du, at::Tensor& ddelta,
               const c10::optional<at::Tensor>& dz, at::Tensor& dA_part, at::Tensor& dD_part,
               at::Tensor& dbias_part, at::Tensor& dinitial_state, at::Tensor& dBC, int64_t bc_slices,
-              bool bc_atomic, int64_t backward_min_blocks,
-              bool smem_atomics) {
+              bool bc_atomic, int64_t backward_variant) {
   const c10::cuda::CUDAGuard guard(u.device());
   hzoo::ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, c10::nullopt, seq_idx, delta_softplus);
   const int64_t bdn = int64_t(p.batch) * p.dim * p.dstate;
@@ -153,8 +152,7 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
   p.dBC = dBC.data_ptr<float>();
   p.bc_slices = bc_slices;
   p.bc_atomic = bc_atomic;
-  p.backward_min_blocks = backward_min_blocks;
-  p.backward_smem_atomics = smem_atomics;
+  p.backward_variant = backward_variant;
   hzoo::launch_backward(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -10,8 +10,7 @@
 // h_k = hl_k + cum_k h_in for all k at once (no second serial pass). The state leaving the warp's
 // tokens is carried to the next iteration in shared memory: no length limit, and no
 // [batch, dim, seqlen, dstate] tensor is stored. For the backward the forward saves the state
-// entering every kChunk (256) tokens. NP state indices are processed together so that their
-// shuffle chains overlap.
+// entering every kChunk (128) tokens.
 #include "scan_common.cuh"
 
 namespace hzoo {
@@ -20,8 +19,64 @@ using namespace detail;
 
 constexpr int kMaxWarps = 8;
 
+// One warp's 32*K tokens for every state index n: adds sum_n C_n h_n to y and advances carry.
+// kVec: B and C rows are whole and 16-byte aligned (decided once per chunk, not per n).
+template <typename bc_t, int K, bool kVec>
+__device__ __forceinline__ void scan_states(const LaneRows<bc_t, K>& Brows, const LaneRows<bc_t, K>& Crows,
+                                            const LaneTokens<K>& lt, const float (&dtu)[K], const float* A2,
+                                            float* carry, float* saved, int N, int valid, int lane, float (&y)[K]) {
+  const bc_t* pB = Brows.base;
+  const bc_t* pC = Crows.base;
+  for (int n = 0; n < N; ++n, pB += Brows.stride_n, pC += Crows.stride_n) {
+    float Bv[K], Cv[K], hl[K], cum[K];
+    if constexpr (kVec) {
+      load_tokens_vec<bc_t, K>(pB, Bv);
+      load_tokens_vec<bc_t, K>(pC, Cv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        Bv[k] = k < valid ? to_float(pB[k]) : 0.f;
+        Cv[k] = k < valid ? to_float(pC[k]) : 0.f;
+      }
+    }
+    const float an = A2[n];
+    // the lane's K steps from a zero state: local states hl and decay products cum
+    float a = 1.f, h = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float dA = fast_exp2(fmaf(lt.dt[k], an, lt.reset[k]));
+      h = fmaf(dA, h, dtu[k] * Bv[k]);
+      a *= dA;
+      hl[k] = h;
+      cum[k] = a;
+    }
+    // compose the lanes' maps h -> a h + h_loc, earlier lanes first
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const float ap = __shfl_up_sync(0xffffffffu, a, off);
+      const float hp = __shfl_up_sync(0xffffffffu, h, off);
+      if (lane >= off) {
+        h = fmaf(a, hp, h);
+        a *= ap;
+      }
+    }
+    float a_before = __shfl_up_sync(0xffffffffu, a, 1);
+    float h_before = __shfl_up_sync(0xffffffffu, h, 1);
+    if (lane == 0) { a_before = 1.f; h_before = 0.f; }
+    const float c0 = carry[n];
+    const float h_in = fmaf(a_before, c0, h_before);     // the state entering this lane's first token
+    if (saved != nullptr) saved[n] = h_in;
+#pragma unroll
+    for (int k = 0; k < K; ++k) y[k] = fmaf(Cv[k], fmaf(cum[k], h_in, hl[k]), y[k]);
+    const float leaving = __shfl_sync(0xffffffffu, fmaf(a, c0, h), 31);
+    __syncwarp();
+    if (lane == 0) carry[n] = leaving;
+    __syncwarp();
+  }
+}
+
 // kMinBlocks > 1 (with 4-warp blocks) caps registers so that more warps share a multiprocessor
-template <typename in_t, typename bc_t, int K, int NP, int kMinBlocks>
+template <typename in_t, typename bc_t, int K, int kMinBlocks>
 __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : kMaxWarps * 32, kMinBlocks)
 scan_forward_kernel(const ScanParams p) {
   extern __shared__ float smem[];
@@ -36,10 +91,13 @@ scan_forward_kernel(const ScanParams p) {
   const int g = d / p.dim_per_group;
   const int64_t bd = static_cast<int64_t>(b) * p.dim + d;
   float* carry = smem + warp * N;               // the state entering the current 32*K tokens
-  for (int n = lane; n < N; n += 32) carry[n] = p.initial_state != nullptr ? p.initial_state[bd * N + n] : 0.f;
+  float* A2 = smem + (warps + warp) * N;        // A[d, :] * log2(e), for exp2
+  for (int n = lane; n < N; n += 32) {
+    carry[n] = p.initial_state != nullptr ? p.initial_state[bd * N + n] : 0.f;
+    A2[n] = p.A[static_cast<int64_t>(d) * N + n] * kLog2e;
+  }
   __syncwarp();
   const float Dd = p.D != nullptr ? p.D[d] : 0.f;
-  const float* A = p.A + static_cast<int64_t>(d) * N;
 
   for (int base = 0; base < L; base += kTokens) {
     const int t0 = base + lane * K;
@@ -49,64 +107,16 @@ scan_forward_kernel(const ScanParams p) {
     float* saved = saves ? p.chunk_states + (bd * p.nchunks + t0 / kChunk) * N : nullptr;
     LaneTokens<K> lt;
     load_lane_tokens<in_t, K>(p, b, d, t0, valid, lt);
+    const LaneRows<bc_t, K> Brows(p.B, p.B_sb, p.B_sg, p.B_sn, b, g, t0, valid);
+    const LaneRows<bc_t, K> Crows(p.C, p.C_sb, p.C_sg, p.C_sn, b, g, t0, valid);
     float dtu[K], y[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) { dtu[k] = lt.dt[k] * lt.u[k]; y[k] = 0.f; }
 
-    for (int n0 = 0; n0 < N; n0 += NP) {
-      float hl[NP][K], cum[NP][K], Cv[NP][K], a[NP], h[NP];
-#pragma unroll
-      for (int j = 0; j < NP; ++j) {
-        const int n = n0 + j;
-        const float A2 = A[n] * kLog2e;
-        float Bv[K];
-        load_tokens<bc_t, K>(bc_row<bc_t>(p.B, p.B_sb, p.B_sg, p.B_sn, b, g, n, t0), valid, Bv);
-        load_tokens<bc_t, K>(bc_row<bc_t>(p.C, p.C_sb, p.C_sg, p.C_sn, b, g, n, t0), valid, Cv[j]);
-        float acc = 1.f, hh = 0.f;
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const float dA = (lt.reset_mask >> k) & 1u ? 0.f : fast_exp2(lt.dt[k] * A2);
-          hh = dA * hh + dtu[k] * Bv[k];
-          acc *= dA;
-          hl[j][k] = hh;
-          cum[j][k] = acc;
-        }
-        a[j] = acc;
-        h[j] = hh;
-      }
-      // compose the lanes' maps; the NP chains are independent and interleave
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-#pragma unroll
-        for (int j = 0; j < NP; ++j) {
-          const float ap = __shfl_up_sync(0xffffffffu, a[j], off);
-          const float hp = __shfl_up_sync(0xffffffffu, h[j], off);
-          if (lane >= off) {
-            h[j] = a[j] * hp + h[j];
-            a[j] = a[j] * ap;
-          }
-        }
-      }
-      float leaving[NP];
-#pragma unroll
-      for (int j = 0; j < NP; ++j) {
-        float a_before = __shfl_up_sync(0xffffffffu, a[j], 1);
-        float h_before = __shfl_up_sync(0xffffffffu, h[j], 1);
-        if (lane == 0) { a_before = 1.f; h_before = 0.f; }
-        const float c0 = carry[n0 + j];
-        const float h_in = a_before * c0 + h_before;   // the state entering this lane's first token
-        if (saves) saved[n0 + j] = h_in;
-#pragma unroll
-        for (int k = 0; k < K; ++k) y[k] += Cv[j][k] * (hl[j][k] + cum[j][k] * h_in);
-        leaving[j] = __shfl_sync(0xffffffffu, a[j] * c0 + h[j], 31);
-      }
-      __syncwarp();
-      if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < NP; ++j) carry[n0 + j] = leaving[j];
-      }
-      __syncwarp();
-    }
+    if (Brows.vec && Crows.vec)
+      scan_states<bc_t, K, true>(Brows, Crows, lt, dtu, A2, carry, saves ? saved : nullptr, N, valid, lane, y);
+    else
+      scan_states<bc_t, K, false>(Brows, Crows, lt, dtu, A2, carry, saves ? saved : nullptr, N, valid, lane, y);
 
     float gate[K];
     if (p.z != nullptr) {
@@ -127,21 +137,24 @@ scan_forward_kernel(const ScanParams p) {
 
 template <typename in_t, typename bc_t>
 struct ForwardLaunch {
-  template <int K, int NP, int kMinBlocks = 1>
+  template <int K, int kMinBlocks = 1>
   static void go(const ScanParams& p, cudaStream_t stream) {
     const int warps = kMinBlocks > 1 ? 4 : p.forward_warps;
     const int blocks = p.batch * ((p.dim + warps - 1) / warps);
-    const size_t smem = sizeof(float) * warps * p.dstate;
-    scan_forward_kernel<in_t, bc_t, K, NP, kMinBlocks><<<blocks, warps * 32, smem, stream>>>(p);
+    const size_t smem = sizeof(float) * 2 * warps * p.dstate;
+    scan_forward_kernel<in_t, bc_t, K, kMinBlocks><<<blocks, warps * 32, smem, stream>>>(p);
   }
   static void run(const ScanParams& p, cudaStream_t stream) {
-    // variants (benchmarks/selective_scan.py times them): 0: 8 tokens/lane, 1 state at a time;
-    // 1: 8 tokens, 2 states interleaved (dstate even); 2: 16 tokens, 1 state; 3: as 0 with the
-    // registers capped for 6 blocks of 4 warps per multiprocessor
-    if (p.forward_variant == 1 && p.dstate % 2 == 0) go<8, 2>(p, stream);
-    else if (p.forward_variant == 2) go<16, 1>(p, stream);
-    else if (p.forward_variant == 3) go<8, 1, 6>(p, stream);
-    else go<8, 1>(p, stream);
+    // variants (benchmarks/selective_scan.py times them), tokens per lane and register cap:
+    // 0: 8; 1: 16; 2: 16 capped at 128 registers (4 blocks of 4 warps per multiprocessor);
+    // 3: 8 capped at 80 (6 blocks); 4: 16 capped at 168 (3 blocks)
+    switch (p.forward_variant) {
+      case 0: go<8>(p, stream); break;
+      case 1: go<16>(p, stream); break;
+      case 3: go<8, 6>(p, stream); break;
+      case 4: go<16, 3>(p, stream); break;
+      default: go<16, 4>(p, stream); break;
+    }
   }
 };
 

@@ -11,7 +11,8 @@ enum ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Shapes: u, delta, z, out [batch, dim, seqlen] (seqlen contiguous, other strides free);
 // A [dim, dstate] fp32; B, C [batch, groups, dstate, seqlen] (seqlen contiguous);
 // D, delta_bias [dim] fp32; initial_state, last_state [batch, dim, dstate] fp32 contiguous;
-// seq_idx int32 [batch, seqlen] contiguous; chunk_states [batch, dim, nchunks, dstate] fp32.
+// seq_idx int32 [batch, seqlen] contiguous; chunk_states [batch, dim, nchunks, dstate] fp32
+// (the state entering every kChunk tokens).
 struct ScanParams {
   int batch, dim, seqlen, dstate, ngroups, dim_per_group, nchunks;
   int64_t u_sb, u_sd, delta_sb, delta_sd, z_sb, z_sd, out_sb, out_sd;
@@ -20,11 +21,10 @@ struct ScanParams {
   const float *A, *D, *delta_bias, *initial_state;
   const int32_t* seq_idx;
   bool delta_softplus;
-  int in_kind, bc_kind;
+  int in_kind, bc_kind;          // ScalarKind of u/delta/z/out and of B/C
   int forward_warps;             // channels per forward block: 1..8 (tuning)
-  int backward_min_blocks;       // 1 or 2: backward blocks per multiprocessor the registers allow
-  int forward_variant;           // 0: 8 tokens per lane; 1: 8 tokens, 2 states interleaved; 2: 16 tokens
-  bool backward_smem_atomics;    // reduce dB, dC in shared memory with atomics (not deterministic)          // ScalarKind of u/delta/z/out and of B/C
+  int backward_variant;          // 0..3: tokens per lane (8, 8, 4, 4) x blocks per multiprocessor (1, 2, 2, 3)
+  int forward_variant;           // 0..4: tokens per lane and register cap, see forward.cu
   // forward outputs
   void* out;
   float* last_state;             // may be null
@@ -43,8 +43,7 @@ struct ScanParams {
   bool bc_atomic;                // add into dBC atomically (several blocks share a slice)
 };
 
-constexpr int kTokensPerLane = 8;                 // one 16-byte load of bf16/fp16 per lane
-constexpr int kChunk = 32 * kTokensPerLane;       // tokens per warp-wide chunk
+constexpr int kChunk = 128;    // the forward saves the state entering every kChunk tokens
 
 int chunk_count(int seqlen);
 int backward_warps_per_block(int dim_per_group);

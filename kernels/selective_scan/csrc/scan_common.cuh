@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "scan.h"
 
 namespace hzoo {
@@ -28,35 +30,76 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
 
+// The lane's K tokens at p as floats, one or more 16-byte loads (p aligned, all K valid).
+// The vector type of K tokens: 16-byte loads, or 8-byte ones for 4 half-precision tokens.
+template <typename T, int K>
+struct TokenVec {
+  static_assert(sizeof(T) * K % 8 == 0, "K tokens must fill whole 8-byte vectors");
+  using type = typename std::conditional<sizeof(T) * K % 16 == 0, uint4, uint2>::type;
+  static constexpr int kCount = sizeof(T) * K / sizeof(type);
+};
+
+template <typename T, int K>
+__device__ __forceinline__ void load_tokens_vec(const T* p, float (&v)[K]) {
+  using V = typename TokenVec<T, K>::type;
+  V raw[TokenVec<T, K>::kCount];
+#pragma unroll
+  for (int i = 0; i < TokenVec<T, K>::kCount; ++i) raw[i] = __ldg(reinterpret_cast<const V*>(p) + i);
+  const T* t = reinterpret_cast<const T*>(raw);
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+}
+
+template <typename T, int K>
+__device__ __forceinline__ bool vec_aligned(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) % sizeof(typename TokenVec<T, K>::type)) == 0;
+}
+
 // The lane's K tokens starting at p; positions at or past `valid` read as 0. 16-byte loads when
 // the run is whole and aligned (widths or offsets that are not multiples of 8 take the scalar path).
 template <typename T, int K>
 __device__ __forceinline__ void load_tokens(const T* p, int valid, float (&v)[K]) {
-  static_assert(sizeof(T) * K % 16 == 0, "K tokens must fill whole 16-byte vectors");
-  constexpr int kVecs = sizeof(T) * K / 16;
-  if (valid >= K && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-    uint4 raw[kVecs];
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
-    const T* t = reinterpret_cast<const T*>(raw);
-#pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+  if (valid >= K && vec_aligned<T, K>(p)) {
+    load_tokens_vec<T, K>(p, v);
   } else {
 #pragma unroll
     for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(p[k]) : 0.f;
   }
 }
 
+// B or C rows of one (batch, group) for the lane's tokens: the pointer and the vector-or-scalar
+// decision are made once per chunk, each state index n then costs one address add and the loads.
+template <typename T, int K>
+struct LaneRows {
+  const T* base;
+  int64_t stride_n;
+  bool vec;
+  __device__ __forceinline__ LaneRows(const void* ptr, int64_t sb, int64_t sg, int64_t sn, int b, int g, int t0,
+                                      int valid)
+      : base(static_cast<const T*>(ptr) + b * sb + g * sg + t0), stride_n(sn),
+        vec(valid >= K && vec_aligned<T, K>(static_cast<const T*>(ptr) + b * sb + g * sg + t0) &&
+            (sn * static_cast<int64_t>(sizeof(T))) % sizeof(typename TokenVec<T, K>::type) == 0) {}
+  __device__ __forceinline__ void load(int n, int valid, float (&v)[K]) const {
+    const T* p = base + n * stride_n;
+    if (vec) {
+      load_tokens_vec<T, K>(p, v);
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(p[k]) : 0.f;
+    }
+  }
+};
+
 template <typename T, int K>
 __device__ __forceinline__ void store_tokens(T* p, int valid, const float (&v)[K]) {
-  constexpr int kVecs = sizeof(T) * K / 16;
-  if (valid >= K && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-    uint4 raw[kVecs];
+  using V = typename TokenVec<T, K>::type;
+  if (valid >= K && vec_aligned<T, K>(p)) {
+    V raw[TokenVec<T, K>::kCount];
     T* t = reinterpret_cast<T*>(raw);
 #pragma unroll
     for (int k = 0; k < K; ++k) t[k] = from_float<T>(v[k]);
 #pragma unroll
-    for (int i = 0; i < kVecs; ++i) reinterpret_cast<uint4*>(p)[i] = raw[i];
+    for (int i = 0; i < TokenVec<T, K>::kCount; ++i) reinterpret_cast<V*>(p)[i] = raw[i];
   } else {
 #pragma unroll
     for (int k = 0; k < K; ++k)
@@ -69,7 +112,7 @@ __device__ __forceinline__ void store_tokens(T* p, int valid, const float (&v)[K
 template <int K>
 struct LaneTokens {
   float u[K], dt[K], dt_grad[K];   // dt_grad: d dt / d delta (sigmoid for softplus, else 1)
-  unsigned reset_mask;
+  float reset[K];                  // -inf at a document's first token (exp2(dt A + reset) = 0), else 0
 };
 
 template <typename in_t, int K>
@@ -92,21 +135,16 @@ __device__ __forceinline__ void load_lane_tokens(const ScanParams& p, int b, int
     lt.dt[k] = k < valid ? dt : 0.f;     // padding: decay 1, no input, the state passes through
     lt.dt_grad[k] = grad;
   }
-  lt.reset_mask = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) lt.reset[k] = 0.f;
   if (p.seq_idx != nullptr) {
     const int32_t* sid = p.seq_idx + static_cast<int64_t>(b) * p.seqlen;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int t = t0 + k;
-      if (k < valid && t > 0 && sid[t] != sid[t - 1]) lt.reset_mask |= 1u << k;
+      if (k < valid && t > 0 && sid[t] != sid[t - 1]) lt.reset[k] = __int_as_float(0xff800000);  // -inf
     }
   }
-}
-
-template <typename bc_t>
-__device__ __forceinline__ const bc_t* bc_row(const void* base, int64_t sb, int64_t sg, int64_t sn,
-                                              int b, int g, int n, int t0) {
-  return static_cast<const bc_t*>(base) + b * sb + g * sg + n * sn + t0;
 }
 
 // Inclusive prefix composition of the lanes' affine maps h -> a h + c (earlier lanes first).
