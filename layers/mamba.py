@@ -16,6 +16,7 @@ from torch import nn
 from kernels.backend import resolve_backend
 from kernels.causal_conv1d import causal_conv1d
 from kernels.selective_scan import selective_scan_fn
+from kernels.selective_scan.step import selective_state_update
 
 from .norm import RMSNorm
 
@@ -188,6 +189,12 @@ class Mamba(nn.Module):
         # dt_proj without its bias: the bias goes into the scan as delta_bias, added before softplus
         dt = F.linear(dt, self.dt_proj.weight)                                # [b, l, d_inner]
         A = -torch.exp(_fp32(self.A_log))                                     # [d_inner, d_state], < 0
+        if state is not None and seqlen == 1 and xs.is_cuda and resolve_backend(self.backend) != "reference":
+            # one token continuing a state (decode): the fused single-step update, in place
+            y = selective_state_update(state.ssm_state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
+                                       D=_fp32(self.D), z=None if z is None else z[:, 0],
+                                       dt_bias=_fp32(self.dt_proj.bias), dt_softplus=True)
+            return y.unsqueeze(1)                                             # [b, 1, d_inner]
         out = selective_scan_fn(
             xs.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
             D=_fp32(self.D), z=None if z is None else z.transpose(1, 2),

@@ -32,6 +32,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     _check(x, weight, bias, conv_state, seq_idx)
     choice = resolve_backend(backend)
+    if choice != "reference" and x.is_cuda:
+        from . import triton as fused                      # Triton kernel (fwd + bwd); needs CUDA
+        if fused.available():
+            return fused.causal_conv1d_fused(x, weight, bias, activation, conv_state, seq_idx)
     if choice == "fused":
         raise RuntimeError("causal_conv1d: no fused kernel is available for this input; "
                            "set HYBRID_ZOO_KERNELS=auto to fall back to the reference")
