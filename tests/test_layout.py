@@ -134,6 +134,15 @@ def test_insert_every_counts_layers_in_rules_form_and_sublayers_otherwise():
     assert pattern_string(by_sublayer) == "MS-MS-"
 
 
+def test_insert_blocks_list_cycles_the_blocks_over_the_sites():
+    shared = {"a": {"blocks": ["mlp"]}, "b": {"blocks": ["mlp"]}}
+    layout = load_config(config(shared=shared, pattern="MMMMMM",
+                                insert={"sites": {"blocks": ["a", "b"], "at": [1, 2, 4]}}))["layout"]
+    assert [(e["block"], e["site"]) for e in layout if e["type"] == "shared"] == [("a", 0), ("b", 0), ("a", 1)]
+    with pytest.raises(LayoutError, match=r"insert.sites.blocks 'c' is not a block of `shared`"):
+        load_config(config(shared=shared, pattern="MM", insert={"sites": {"blocks": ["a", "c"], "at": [0, 1]}}))
+
+
 def test_bidirectional_wraps_mixers_vim_style():
     layout = load_config(config(pattern="m*M-", symbols={"m": "mamba"}, bidirectional={"combine": "sum"}))["layout"]
     assert [e["type"] for e in layout] == ["bimamba", "attention", "bidirectional", "mlp"]

@@ -714,11 +714,18 @@ def _insert_shared_sites(ctx: _Ctx, raw: dict, layout: list, shared: dict, main:
     unit = "layer" if by_layer else "sublayer"
     site_of: dict[int, str] = {}
     for name, rule in insert.items():
-        if name not in shared:
-            raise ctx.error(f"{path}.{name}", f"is not a block of `shared`{_did_you_mean(name, shared)}; "
-                                              f"defined: {', '.join(shared) or 'none'}")
         rule = _as_dict(ctx, f"{path}.{name}", rule)
-        _check_keys(ctx, f"{path}.{name}", rule, ("at", "every"))
+        _check_keys(ctx, f"{path}.{name}", rule, ("at", "every", "blocks"))
+        # `{label: {blocks: [a, b], at: ...}}` cycles the blocks over the sites (Zamba2); otherwise
+        # the key itself names the block
+        cycle = rule.get("blocks", [name])
+        if not isinstance(cycle, list) or not cycle:
+            raise ctx.error(f"{path}.{name}.blocks", "must be a non-empty list of shared block names")
+        for block in cycle:
+            if block not in shared:
+                where = f"{path}.{name}.blocks" if "blocks" in rule else f"{path}.{name}"
+                raise ctx.error(where, f"{block!r} is not a block of `shared`{_did_you_mean(block, shared)}; "
+                                       f"defined: {', '.join(shared) or 'none'}")
         if "at" not in rule:
             raise ctx.error(f"{path}.{name}", "needs `at` (first site, or a list of sites) and optionally `every`")
         if isinstance(rule["at"], list):
@@ -731,13 +738,13 @@ def _insert_shared_sites(ctx: _Ctx, raw: dict, layout: list, shared: dict, main:
                 raise ctx.error(f"{path}.{name}.at", f"{unit} {at} is past the last {unit} ({len(starts) - 1})")
             every = _as_int(ctx, f"{path}.{name}.every", rule.get("every", len(starts) + 1), minimum=1)
             sites = list(range(at, len(starts), every))
-        for s in sites:
+        for k, s in enumerate(sites):
             if s >= len(starts):
                 raise ctx.error(f"{path}.{name}.at", f"{unit} {s} is past the last {unit} ({len(starts) - 1})")
             if s in site_of:
                 raise ctx.error(f"{path}.{name}", f"places a block before {unit} {s}, where "
                                                   f"{site_of[s]} already is")
-            site_of[s] = name
+            site_of[s] = cycle[k % len(cycle)]
     before = {starts[s]: name for s, name in site_of.items()}
     out, counter = [], {}
     for i, entry in enumerate(layout):
