@@ -48,6 +48,14 @@ def test_unavailable_without_cuda_warns_once(monkeypatch):
         assert fused.available() is False
 
 
+def test_fused_entry_point_runs_the_reference_where_the_kernel_cannot():
+    # CPU tensors (and float64) never reach the CUDA kernel: the result is the reference's, exactly
+    inp, sid, _ = make_inputs(1, 6, 9, 4, 2, initial=True, docs=2)
+    got = fused.selective_scan_fused(**inp, delta_softplus=True, return_last_state=True, seq_idx=sid)
+    want = selective_scan_ref(**inp, delta_softplus=True, return_last_state=True, seq_idx=sid)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 

@@ -35,6 +35,8 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / "binding.cpp", _CSRC / "forward.cu", _CSRC / "backward.cu"]
 _EXT_NAME = "hybrid_zoo_selective_scan"
 DETERMINISTIC_ENV = "HYBRID_ZOO_DETERMINISTIC"
+# the backward keeps 4 x dstate floats per warp in shared memory: up to 1024 fits every launch variant
+MAX_DSTATE = 1024
 
 # tests set this to fill every output with NaN before the kernel writes it (unwritten memory shows)
 POISON_OUTPUTS = os.environ.get("HYBRID_ZOO_POISON_OUTPUTS", "0") not in ("", "0")
@@ -253,15 +255,21 @@ def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
                          seq_idx: Tensor | None = None, deterministic: bool | None = None):
     """The selective scan on the fused CUDA kernel; arguments and results as
     reference.selective_scan_ref (out [b, d, l] in u's dtype; last_state [b, d, n] fp32).
-    Expects CUDA tensors of valid shapes (interface.selective_scan_fn checks them)."""
+    Expects tensors of valid shapes (interface.selective_scan_fn checks them). CPU tensors, float64
+    and dstate > MAX_DSTATE run the reference instead.
+    deterministic: bit-identical gradients (default: env HYBRID_ZOO_DETERMINISTIC=1)."""
+    if (not u.is_cuda or u.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or A.shape[1] > MAX_DSTATE or A.is_complex()):
+        # float64 (tests, gradcheck) and very large states: the reference computes the same function
+        from .reference import selective_scan_ref
+        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus, return_last_state=return_last_state,
+                                  initial_state=initial_state, seq_idx=seq_idx)
     if deterministic is None:
         deterministic = os.environ.get(DETERMINISTIC_ENV, "0") not in ("", "0")
     out_dtype = u.dtype
     if B.dim() == 3:
         B, C = B.unsqueeze(1), C.unsqueeze(1)
-    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"selective_scan fused: u.dtype={u.dtype} is not supported: use float32, float16 "
-                         f"or bfloat16 (or backend='reference')")
     if delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
         # mixed input dtypes: run in float32 (exact upcast) rather than round anything down
         u, delta = u.float(), delta.float()
