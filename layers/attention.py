@@ -19,7 +19,7 @@ from torch import nn
 
 from .mlp import INIT_STD, check_positive
 from .norm import RMSNorm
-from .rope import apply_rope, rope_cos_sin, rotary_dim_for
+from .rope import RopeTable, apply_rope, rotary_dim_for
 
 BACKENDS = ("sdpa", "flash_attn", "math")
 
@@ -190,6 +190,7 @@ class Attention(nn.Module):
         self.causal, self.window, self.backend = causal, window, backend
         self.rope, self.rope_theta, self.rope_fraction = rope, rope_theta, rope_fraction
         self.rotary_dim = rotary_dim_for(head_dim, rope_fraction) if rope else 0
+        self._rope_table = RopeTable(self.rotary_dim, rope_theta) if rope else None
         self.max_position_embeddings = max_position_embeddings
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
         factory = {"device": device, "dtype": dtype}
@@ -261,7 +262,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q_pos = torch.arange(offset, offset + seqlen, device=x.device)
         if self.rope:
-            cos, sin = rope_cos_sin(q_pos, self.rotary_dim, self.rope_theta)
+            cos, sin = self._rope_table(offset, offset + seqlen, x.device)  # [seqlen, rotary_dim / 2]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, l, head_dim]
 

@@ -35,29 +35,44 @@ def rotary_dim_for(head_dim: int, rope_fraction: float) -> int:
 
 
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of the rotation angles, fp32, shape [seqlen, rotary_dim] (each angle twice: halves layout).
+    """cos, sin of the rotation angles, fp32, shape [seqlen, rotary_dim / 2] (angle of pair i in column i).
 
     positions: [seqlen] absolute token positions (integers).
     """
     inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float64) / rotary_dim)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [seqlen, rotary_dim / 2]
-    angles = torch.cat([angles, angles], dim=-1)
     # Angles in float64 keep positions in the 10^5-10^6 range exact before the cast.
     return angles.cos().float(), angles.sin().float()
+
+
+class RopeTable:
+    """cos/sin for positions 0 .. end-1, computed once per device and grown by doubling, so a forward
+    (and every decoding step) only slices rows instead of recomputing angles."""
+
+    def __init__(self, rotary_dim: int, theta: float):
+        self.rotary_dim, self.theta = rotary_dim, theta
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [end - start, rotary_dim / 2] fp32 for positions start .. end-1 (contiguous views)."""
+        cos, sin = self._tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < end:
+            size = max(end, 2 * (cos.shape[0] if cos is not None else 0), 256)
+            cos, sin = rope_cos_sin(torch.arange(size, device=device), self.rotary_dim, self.theta)
+            self._tables[device] = (cos, sin)
+        return cos[start:end], sin[start:end]
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rotary_dim channels of every head, in fp32 (the PyTorch specification).
 
-    x: [batch, seqlen, nheads, head_dim]; cos, sin: [seqlen, rotary_dim] -> [batch, seqlen, nheads, head_dim]
+    x: [batch, seqlen, nheads, head_dim]; cos, sin: [seqlen, rotary_dim / 2] -> [batch, seqlen, nheads, head_dim]
     """
-    rotary_dim = cos.shape[-1]
-    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
-    x1, x2 = rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    out = (rot * cos + rotated * sin).to(x.dtype)
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([out, x[..., 2 * half:]], dim=-1) if x.shape[-1] > 2 * half else out
 
 
 if triton is not None:
@@ -119,11 +134,11 @@ def _use_triton(x: torch.Tensor) -> bool:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rotary_dim channels of every head (fp32 math, output in x's dtype).
 
-    x: [batch, seqlen, nheads, head_dim]; cos, sin: [seqlen, rotary_dim] from rope_cos_sin
-    -> [batch, seqlen, nheads, head_dim]. On CUDA one fused Triton kernel (forward and backward; the
-    PyTorch version takes 5-6 passes over x); HYBRID_ZOO_KERNELS=reference forces apply_rope_ref.
+    x: [batch, seqlen, nheads, head_dim]; cos, sin: [seqlen, rotary_dim / 2] from rope_cos_sin or
+    RopeTable -> [batch, seqlen, nheads, head_dim]. On CUDA one fused Triton kernel (forward and
+    backward; the PyTorch version takes 5-6 passes over x); HYBRID_ZOO_KERNELS=reference forces
+    apply_rope_ref.
     """
     if _use_triton(x):
-        half = cos.shape[-1] // 2
-        return _RopeTriton.apply(x, cos[:, :half].contiguous(), sin[:, :half].contiguous())
+        return _RopeTriton.apply(x, cos.contiguous(), sin.contiguous())
     return apply_rope_ref(x, cos, sin)

@@ -178,6 +178,7 @@ def test_gradients_of_sdpa_match_math_backend():
 def test_rope_scores_depend_only_on_offset(rope_fraction):
     head_dim = 8
     rotary_dim = int(head_dim * rope_fraction)
+    assert rope_cos_sin(torch.arange(3), rotary_dim, 100.0)[0].shape == (3, rotary_dim // 2)
     q, k = randn(1, 1, 1, head_dim, seed=19), randn(1, 1, 1, head_dim, seed=20)
 
     def score(m, n):
