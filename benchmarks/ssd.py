@@ -337,11 +337,11 @@ def main():
     from triton.testing import do_bench
     big = torch.randn(1 << 28, device="cuda")  # 1 GiB: device copy bandwidth (read + write)
     ms = do_bench(lambda: big.clone(), return_mode="median")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = do_bench(lambda: a @ a, return_mode="median")
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = do_bench(lambda: m @ m, return_mode="median")
     results["ceilings"] = dict(copy_TBps=2 * big.numel() * 4 / ms / 1e9, bf16_matmul_TFLOPs=2 * 8192 ** 3 / mm / 1e9)
     print("ceilings:", results["ceilings"], flush=True)
-    del big, a
+    del big, m
     t0 = time.time()
     ok = True
     if not a.skip_check:

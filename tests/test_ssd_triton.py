@@ -154,9 +154,31 @@ def measure_opcheck(fused):
     return ""
 
 
+def measure_compile(fused):
+    """torch.compile(fullgraph=True) through the custom ops (aot_eager: dynamo + AOT autograd with
+    the fake implementations, no code generation): forward and gradients against eager."""
+    import torch._dynamo
+    inputs, seq_idx = make_inputs(1, 24, 2, 16, 16, 1, n_docs=2, seed=4)
+
+    def fn(x, dt, A, B, C, chunk_size, **kw):
+        return fused.mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kw)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    try:
+        y, final, grads = run_with_grads(compiled, inputs, seq_idx, 16, NO_LIMIT, torch.float32)
+    except Exception:  # reported to the test, which fails with it
+        return {"error": traceback.format_exc(limit=4)}
+    ry, rfinal, rgrads = run_with_grads(fused.mamba_chunk_scan_combined, inputs, seq_idx, 16, NO_LIMIT,
+                                        torch.float32)
+    errs = {"y": rel_err(y, ry), "final_states": rel_err(final, rfinal)}
+    errs.update({f"d{k}": rel_err(grads[k], rgrads[k]) for k in rgrads})
+    return errs
+
+
 def measure_all() -> dict:
     import kernels.ssd.fused as fused
     out = {"cases": {name: measure_case(fused, *spec) for name, spec in CASES.items()}}
+    out["compile"] = measure_compile(fused)
     out["deterministic"] = measure_deterministic(fused)
     out["decode"] = measure_decode(fused)
     out["opcheck"] = measure_opcheck(fused)
@@ -206,6 +228,12 @@ def test_decode_steps_continue_the_fused_scan(measured):
 
 def test_custom_op_registrations_pass_opcheck(measured):
     assert measured["opcheck"] == "", measured["opcheck"]
+
+
+def test_torch_compile_fullgraph_traces_the_custom_ops(measured):
+    errs = measured["compile"]
+    assert "error" not in errs, errs.get("error")
+    assert max(errs.values()) <= 1e-6, errs
 
 
 def test_unsupported_shapes_fall_back_to_the_reference():
