@@ -5,6 +5,13 @@
 
 MoE's forward returns (y, aux_losses) so the model can add the auxiliary losses explicitly.
 """
+from .attention import Attention, KVCache
+from .bidirectional import BiMamba, Bidirectional
+from .mamba import Mamba, MambaState
+from .mamba2 import Mamba2, Mamba2State
+from .mlp import MLP
+from .moe import MoE
 from .norm import GatedRMSNorm, RMSNorm
 
-__all__ = ["RMSNorm", "GatedRMSNorm"]
+__all__ = ["Attention", "KVCache", "BiMamba", "Bidirectional", "Mamba", "MambaState", "Mamba2", "Mamba2State",
+           "MLP", "MoE", "RMSNorm", "GatedRMSNorm"]
