@@ -175,12 +175,25 @@ def measure_compile(fused):
     return errs
 
 
+def measure_step_op(fused):
+    """The decode step through its custom op (the path torch.compile takes) against ssd_step_ref."""
+    from kernels.ssd.reference import ssd_step_ref
+    inputs, _ = make_inputs(2, 1, 4, 16, 16, 2, D="h", init=True, seed=13)
+    x, dt, B, C, z = (inputs[k][:, 0] for k in ("x", "dt", "B", "C", "z"))
+    A, D, bias, state = inputs["A"], inputs["D"], inputs["dt_bias"], inputs["initial_states"]
+    s1, s2 = state.clone(), state.clone()
+    y1 = fused._ssd_step_op(s1, x, dt, A, B, C, D, z, bias, True, 0.0, math.inf)
+    y2 = ssd_step_ref(s2, x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    return {"y": rel_err(y1, y2), "state": rel_err(s1, s2)}
+
+
 def measure_all() -> dict:
     import kernels.ssd.fused as fused
     out = {"cases": {name: measure_case(fused, *spec) for name, spec in CASES.items()}}
     out["compile"] = measure_compile(fused)
     out["deterministic"] = measure_deterministic(fused)
     out["decode"] = measure_decode(fused)
+    out["step_op"] = measure_step_op(fused)
     out["opcheck"] = measure_opcheck(fused)
     return out
 
@@ -224,6 +237,8 @@ def test_deterministic_mode_is_bitwise_repeatable_and_agrees_with_atomic_mode(me
 def test_decode_steps_continue_the_fused_scan(measured):
     errs = measured["decode"]
     assert errs["step"] <= 1e-5 and errs["state"] <= 1e-5 and errs["whole"] <= 1e-5, errs
+    errs = measured["step_op"]
+    assert errs["y"] <= 1e-5 and errs["state"] <= 1e-5, errs
 
 
 def test_custom_op_registrations_pass_opcheck(measured):
