@@ -178,6 +178,35 @@ if _HAVE_TRITON:
     _ssd_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+class _SSDFunction(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls: an autograd.Function costs
+    a few microseconds of Python where the custom-op dispatcher costs tens, which small shapes feel."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
+                deterministic, for_backward):
+        out, final, dt_out, dA_cs, states_in, y = _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                                           dt_limit, initial_states, seq_idx, for_backward)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, final, dt_out, dA_cs,
+                              states_in, y)
+        ctx.args = (chunk_size, dt_softplus, dt_limit, deterministic)
+        ctx.mark_non_differentiable(dt_out, dA_cs, states_in, y)
+        return out, final, dt_out, dA_cs, states_in, y
+
+    @staticmethod
+    def backward(ctx, dout, dfinal, *_unused):
+        (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, final, dt_out, dA_cs, states_in,
+         y) = ctx.saved_tensors
+        chunk_size, dt_softplus, dt_limit, deterministic = ctx.args
+        dout = torch.zeros_like(x) if dout is None else dout.contiguous()
+        grads = _backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                          initial_states, seq_idx, final, dt_out, dA_cs, states_in, y, deterministic)
+        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
+        cast = (lambda g, t: g.to(t.dtype) if g is not None and t is not None else None)
+        return (dx, cast(ddt, dt), cast(dA, A), cast(dB, B), cast(dC, C), None, cast(dD, D), cast(dz, z),
+                cast(ddt_bias, dt_bias), None, None, cast(dinit, initial_states), None, None, None)
+
+
 def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                               C: torch.Tensor, chunk_size: int, D: torch.Tensor | None = None,
                               z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
@@ -203,11 +232,13 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     for_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
-    out, final, *_ = _ssd_fwd_op(x, dt.contiguous(), A.contiguous(), B, C, int(chunk_size),
-                                 D.contiguous() if D is not None else None, z,
-                                 dt_bias.contiguous() if dt_bias is not None else None,
-                                 bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
-                                 initial_states, seq_idx, _deterministic(deterministic), for_backward)
+    args = (x, dt.contiguous(), A.contiguous(), B, C, int(chunk_size), D.contiguous() if D is not None else None, z,
+            dt_bias.contiguous() if dt_bias is not None else None, bool(dt_softplus))
+    rest = (initial_states, seq_idx, _deterministic(deterministic), for_backward)
+    if torch.compiler.is_compiling():  # the custom op: traceable, with its fake implementation
+        out, final, *_ = _ssd_fwd_op(*args, float(dt_limit[0]), float(dt_limit[1]), *rest)
+    else:
+        out, final, *_ = _SSDFunction.apply(*args, (float(dt_limit[0]), float(dt_limit[1])), *rest)
     return (out, final) if return_final_states else out
 
 
