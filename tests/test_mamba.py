@@ -321,6 +321,7 @@ def test_cuda_bfloat16_layer_tracks_float32():
 def test_cuda_layer_uses_the_fused_scan_exactly_when_it_is_built(monkeypatch):
     from kernels.selective_scan import fused
 
+    monkeypatch.delenv("HYBRID_ZOO_KERNELS", raising=False)    # backend "auto"
     calls = []
     original = fused.selective_scan_fn
     monkeypatch.setattr(fused, "selective_scan_fn", lambda *a, **k: calls.append(1) or original(*a, **k))
