@@ -110,6 +110,23 @@ def test_packed_documents_equal_documents_run_separately():
     assert_close(last, doc_last, 1e-12, "last state is the last document's")
 
 
+@pytest.mark.parametrize("starts", [[8, 16], [1, 15], [7, 9, 23]])
+def test_documents_starting_on_and_around_chunk_boundaries(starts):
+    """Chunks of 8: a document starting exactly at a chunk start, just after one, or one token
+    before the end of one must cut the carried state all the same."""
+    seqlen = 24
+    marks = torch.zeros(1, seqlen, dtype=torch.int32)
+    marks[0, starts] = 1
+    seq_idx = marks.cumsum(1, dtype=torch.int32)
+    inputs = scan_inputs(batch=1, seqlen=seqlen, groups=2, seed=18)
+    out, last = selective_scan_ref(**inputs, delta_softplus=True, seq_idx=seq_idx, return_last_state=True,
+                                   chunk_size=8)
+    out_naive, last_naive = selective_scan_naive(**inputs, delta_softplus=True, seq_idx=seq_idx,
+                                                 return_last_state=True)
+    assert_close(out, out_naive, 1e-12, "out")
+    assert_close(last, last_naive, 1e-12, "last_state")
+
+
 def test_last_state_continues_the_scan():
     inputs = scan_inputs(seqlen=50, groups=2, seed=7)
     full = selective_scan_ref(**inputs, delta_softplus=True)
