@@ -112,17 +112,28 @@ def _rope_triton(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor
     return out
 
 
-class _RopeTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos_half, sin_half):
-        ctx.save_for_backward(cos_half, sin_half)
-        return _rope_triton(x.contiguous(), cos_half, sin_half, backward=False)
+if triton is not None:
+    # A custom op (opaque to torch.compile, with a fake implementation for tracing) rather than a bare
+    # autograd.Function, so compiled models keep the kernel.
+    @torch.library.custom_op("hybrid_zoo::rope_rotate", mutates_args=())
+    def _rope_op(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, backward: bool) -> torch.Tensor:
+        return _rope_triton(x.contiguous(), cos_half, sin_half, backward)
 
-    @staticmethod
-    def backward(ctx, grad_out):
+    @_rope_op.register_fake
+    def _(x, cos_half, sin_half, backward):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _rope_setup_context(ctx, inputs, output):
+        _, cos_half, sin_half, backward = inputs
+        ctx.save_for_backward(cos_half, sin_half)
+        ctx.backward = backward
+
+    def _rope_backward(ctx, grad_out):
         cos_half, sin_half = ctx.saved_tensors
         # A rotation's transpose is the rotation by the opposite angle.
-        return _rope_triton(grad_out.contiguous(), cos_half, sin_half, backward=True), None, None
+        return _rope_op(grad_out, cos_half, sin_half, not ctx.backward), None, None, None
+
+    _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -140,5 +151,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     apply_rope_ref.
     """
     if _use_triton(x):
-        return _RopeTriton.apply(x, cos.contiguous(), sin.contiguous())
+        return _rope_op(x, cos.contiguous(), sin.contiguous(), False)
     return apply_rope_ref(x, cos, sin)
