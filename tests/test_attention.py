@@ -139,6 +139,16 @@ def test_cache_continues_packed_documents(backend):
     assert_close(torch.cat(outs, 1), full, 1e-5, "packed through the cache")
 
 
+def test_cache_without_seq_idx_continues_the_last_document():
+    layer = _randomise(Attention(16, 4, rope=True), seed=24)
+    x = randn(1, 10, 16, seed=25)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 6], dtype=torch.int32)
+    state = layer.init_state(1)
+    first = layer(x[:, :5], state=state, seq_idx=seq_idx[:, :5])
+    rest = layer(x[:, 5:], state=state)  # no seq_idx: the tokens belong to document 1, as the last cached key
+    assert_close(torch.cat([first, rest], 1), layer(x, seq_idx=seq_idx), 1e-5, "continued document")
+
+
 def test_sliding_window_cache_keeps_only_visible_keys():
     layer = _randomise(Attention(16, 4, window=4), seed=14)
     x = randn(1, 30, 16, seed=15)
