@@ -11,7 +11,6 @@ weights in a fixed order (no atomics), so the forward is deterministic.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .mlp import INIT_STD, MLP, activation_fn, check_positive

@@ -11,7 +11,7 @@ import torch
 
 from helpers import assert_close, randn, random_seq_idx, run_documents_separately, run_in_pieces
 from layers.attention import Attention, KVCache, flash_attn_available
-from layers.rope import apply_rope, apply_rope_ref, rope_cos_sin
+from layers.rope import apply_rope, rope_cos_sin
 
 
 def _randomise(layer: Attention, seed: int) -> Attention:
