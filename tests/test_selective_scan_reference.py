@@ -155,10 +155,11 @@ def test_gradcheck_tiny_float64_with_initial_state_and_documents():
     assert torch.autograd.gradcheck(g, tensors)
 
 
-def test_gradients_through_output_and_last_state_match_naive():
-    inputs = scan_inputs(seqlen=37, groups=2, seed=9)
-    seq_idx = random_seq_idx(2, 37, 3, seed=10)
-    w_out, w_last = randn(2, 4, 37, seed=11, dtype=F64), randn(2, 4, 3, seed=12, dtype=F64)
+@pytest.mark.parametrize("seqlen", [1, 37])
+def test_gradients_through_output_and_last_state_match_naive(seqlen):
+    inputs = scan_inputs(seqlen=seqlen, groups=2, seed=9)
+    seq_idx = random_seq_idx(2, seqlen, min(3, seqlen), seed=10)
+    w_out, w_last = randn(2, 4, seqlen, seed=11, dtype=F64), randn(2, 4, 3, seed=12, dtype=F64)
     grads = []
     for scan in (selective_scan_ref, selective_scan_naive):
         leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}

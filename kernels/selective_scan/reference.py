@@ -96,6 +96,8 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     Bg, Cg = _as_groups(B).to(cdt), _as_groups(C).to(cdt)                # [b, g, n, l]
     groups, dstate = Bg.shape[1], Bg.shape[2]
     per_group = dim // groups
+    if seqlen == 1:
+        return _one_step(u, dt, A, Bg, Cg, D, z, initial_state, return_last_state)
     chunk = chunk_size or _default_chunk_size(seqlen, u.device)
     nchunks = -(-seqlen // chunk)
     pad = nchunks * chunk - seqlen
@@ -164,6 +166,22 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     if not return_last_state:
         return out
     return out, last_state.reshape(batch, dim, dstate)
+
+
+def _one_step(u, dt, A, Bg, Cg, D, z, initial_state, return_last_state):
+    """selective_scan_ref for seqlen == 1 (decoding): the recurrence once, in a third of the
+    chunked scan's operations. dt [b, d, 1] already prepared; Bg, Cg [b, g, n, 1] in the compute dtype."""
+    batch, dim, _ = u.shape
+    groups, dstate = Bg.shape[1], Bg.shape[2]
+    shape = (batch, groups, dim // groups, 1)
+    dt1 = dt.view(shape)
+    h = dt1 * u.to(dt.dtype).view(shape) * Bg.view(batch, groups, 1, dstate)   # [b, g, p, n]
+    if initial_state is not None:
+        decay = torch.exp(dt1 * A.to(dt.dtype).view(groups, dim // groups, dstate))
+        h = torch.addcmul(h, decay, initial_state.to(dt.dtype).view(h.shape))
+    y = torch.matmul(h, Cg).view(batch, dim, 1)                          # C . h
+    out = _skip_and_gate(y, u, D, z).to(u.dtype)
+    return (out, h.reshape(batch, dim, dstate)) if return_last_state else out
 
 
 def selective_scan_naive(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
