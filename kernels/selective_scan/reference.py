@@ -43,7 +43,8 @@ def _prepare_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_s
     return dt
 
 
-def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None,
+                   z: torch.Tensor | None) -> torch.Tensor:
     """y += D u, then y *= silu(z); y, u, z [batch, dim, seqlen]; D [dim]."""
     if D is not None:
         y = y + D.to(y.dtype).unsqueeze(-1) * u.to(y.dtype)
