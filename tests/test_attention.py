@@ -271,7 +271,9 @@ def test_cuda_bf16_sdpa_matches_fp32_math_with_cache(name):
 # bf16 included. TRITON_INTERPRET=1 must precede Triton's first import, hence a fresh process on CPU.
 ROPE_KERNEL_CHECK = textwrap.dedent("""
     import torch
-    from layers.rope import _use_triton, apply_rope, apply_rope_ref, rope_cos_sin
+    from kernels.rope import apply_rope, apply_rope_ref
+    from kernels.rope.interface import _use_triton
+    from layers.rope import rope_cos_sin
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = [((2, 5, 3, 8), 8, torch.float32), ((1, 7, 2, 12), 6, torch.float32),
              ((2, 3, 4, 16), 8, torch.bfloat16), ((1, 300, 5, 64), 32, torch.bfloat16)]
