@@ -115,9 +115,20 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state, **factory))
         self.D = nn.Parameter(torch.empty(d_inner, **factory))
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
+        self.reset_parameters()
+
+    def _mark_no_weight_decay(self) -> None:
+        """Flag A_log, D and dt_proj.bias for the trainer (no weight decay: their values set time
+        scales) and for the model init (keep dt_proj.bias)."""
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True
-        self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # to_empty() from the meta device (and some .to() conversions) replace the Parameter
+        # objects, dropping attributes set on them: mark them again.
+        module = super()._apply(fn, recurse)
+        self._mark_no_weight_decay()
+        return module
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -125,7 +136,8 @@ class Mamba(nn.Module):
         out_proj; dt_proj.weight ~ uniform(+-s) ("random") or = s ("constant"), s = dt_rank^-0.5 *
         dt_scale; dt_proj.bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] floored at
         dt_init_floor; A_log[d, n] = log(n + 1) (S4D-real: A = -(1, 2, ..., d_state) per channel);
-        D = 1; inner norm weights = 1."""
+        D = 1; inner norm weights = 1. Marks A_log, D, dt_proj.bias with `_no_weight_decay`."""
+        self._mark_no_weight_decay()
         for module in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
             module.reset_parameters()
         std = self.dt_rank ** -0.5 * self.dt_scale

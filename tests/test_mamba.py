@@ -106,6 +106,8 @@ def test_meta_build_then_reset_parameters_materialises_the_init():
     layer = Mamba(32, d_state=4, inner_norms="learned", device="meta")
     assert layer.A_log.is_meta
     layer = layer.to_empty(device="cpu")
+    # the trainer's and the model init's flags survive materialisation (torch drops them otherwise)
+    assert all(getattr(p, "_no_weight_decay", False) for p in (layer.A_log, layer.D, layer.dt_proj.bias))
     layer.reset_parameters()
     assert torch.equal(layer.A_log.detach(), torch.log(torch.arange(1, 5, dtype=torch.float32)).expand(64, 4))
     assert torch.equal(layer.dt_layernorm.weight.detach(), torch.ones(2))
