@@ -130,6 +130,14 @@ class BiMamba(Mamba):
         self._building = False
         self.reset_parameters()
 
+    def _mark_no_weight_decay(self) -> None:
+        """Mamba's flags, and the same for the backward direction's A, D and dt bias (to_empty() from
+        meta replaces Parameters and drops their attributes; Mamba._apply marks them again)."""
+        super()._mark_no_weight_decay()
+        if hasattr(self, "A_b_log"):            # absent while Mamba.__init__ runs
+            for p in (self.A_b_log, self.D_b, self.dt_proj_b.bias):
+                p._no_weight_decay = True
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Mamba's init for the shared and forward parameters, and the same scheme for the backward

@@ -286,3 +286,17 @@ def test_image_classifier_pools(pool):
     assert (model.cls_token is None) == (pool == "mean")
     with pytest.raises(ValueError, match="image_size"):
         model(torch.randn(1, 3, 12, 12))
+
+
+def test_no_weight_decay_marks_survive_meta_materialisation():
+    """to_empty() replaces Parameters (dropping attributes): the decay-free marks of every Mamba
+    variant, the backward direction of Vision Mamba included, must come back."""
+    from layers import BiMamba, Mamba, Mamba2
+    for layer, names in ((Mamba(d_model=16, device="meta"), ("A_log", "D", "dt_proj.bias")),
+                         (BiMamba(d_model=16, device="meta"), ("A_log", "A_b_log", "D_b", "dt_proj_b.bias")),
+                         (Mamba2(d_model=32, headdim=16, d_state=8, device="meta"), ("A_log", "D", "dt_bias"))):
+        layer = layer.to_empty(device="cpu")
+        layer.reset_parameters()
+        params = dict(layer.named_parameters())
+        for name in names:
+            assert getattr(params[name], "_no_weight_decay", False), f"{type(layer).__name__}.{name}"

@@ -24,8 +24,9 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     stored as zeros."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    xf, wf = x.float(), weight.float()
-    prev = (conv_state.float().transpose(1, 2) if conv_state is not None
+    cd = torch.promote_types(x.dtype, torch.float32)       # fp32 math; float64 stays float64
+    xf, wf = x.to(cd), weight.to(cd)
+    prev = (conv_state.to(cd).transpose(1, 2) if conv_state is not None
             else xf.new_zeros(batch, width - 1, dim))
     xpad = torch.cat([prev, xf], dim=1)                                   # [b, w-1+l, dim]
     if seq_idx is None:
@@ -37,7 +38,7 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         same_doc = sid_pad.unfold(1, width, 1) == sid.unsqueeze(-1)       # [b, l, w]
         y = torch.einsum("bldw,dw->bld", windows * same_doc.unsqueeze(2), wf)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(cd)
     if activation in ("silu", "swish"):
         y = F.silu(y)
     elif activation is not None:
