@@ -29,7 +29,7 @@ def read_csv(path):
 
 def test_sweep_writes_table_plots_and_per_variant_runs(tmp_path):
     out = str(tmp_path / "sweep")
-    run_sweep(tiny_sweep(), out, log=lambda m: None)           # each variant in its own process
+    run_sweep(tiny_sweep(), out, jobs=2, log=lambda m: None)   # each variant in its own process, 2 at once
     rows = read_csv(os.path.join(out, "results.csv"))
     assert list(rows[0]) == list(RESULT_COLUMNS)
     assert [(r["variant"], r["layout"]) for r in rows] == [("hybrid", "M*"), ("mamba2", "MM")]

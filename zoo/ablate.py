@@ -173,13 +173,6 @@ def match_parameters(cfg: dict, target: int, *, tolerance: float = 0.02, multipl
     return {**cfg, "d_model": d}, n
 
 
-def _task_vocab(task: dict) -> dict:
-    """What a model needs from the task (vocab_size), without building its data."""
-    from zoo.tasks import build_task
-    t = build_task(task)
-    return {"vocab_size": t.vocab_size} if t.kind == "lm" else {}
-
-
 def plan(sweep: dict) -> list[dict]:
     """Every (task, variant) run: its run config and the numbers known before training."""
     from zoo.train import model_config_for_task
@@ -203,24 +196,25 @@ def plan(sweep: dict) -> list[dict]:
     return runs
 
 
-def _run_variant(run_dir: str, run_cfg: dict, log_path: str, in_process: bool) -> dict:
-    """Train one variant to completion (resuming its own checkpoint); returns its summary."""
+def _start_variant(run_dir: str, run_cfg: dict, log_path: str, threads: int | None) -> tuple:
+    """Start one variant's training process (resuming its own checkpoint); returns (process, log file)."""
     with open(os.path.join(run_dir, "sweep_run.yaml"), "w") as f:
         yaml.safe_dump(run_cfg, f, sort_keys=False)
-    if in_process:
-        from zoo.config import load_run_config
-        from zoo.train import Trainer
-        with open(log_path, "a") as log:
-            trainer = Trainer(load_run_config(run_cfg, ["trainer.progress=false"]), run_dir, resume=True,
-                              log=lambda m: (log.write(m + "\n"), log.flush()))
-            return trainer.fit()
     cmd = [sys.executable, "-m", "zoo.commands.train", os.path.join(run_dir, "sweep_run.yaml"),
            "--out", run_dir, "--resume", "--no-progress"]
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if threads:
+        # more threads than free cores makes OpenMP spin-waits slow everything down many times over
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = open(log_path, "a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def _finish_variant(proc, log, run_dir: str, log_path: str) -> dict:
+    proc.wait()
+    log.close()
     if proc.returncode != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-15:])
@@ -229,36 +223,83 @@ def _run_variant(run_dir: str, run_cfg: dict, log_path: str, in_process: bool) -
         return json.load(f)
 
 
-def run_sweep(source: str | dict, out_dir: str, *, in_process: bool = False,
+def _run_variant(run_dir: str, run_cfg: dict, log_path: str, in_process: bool) -> dict:
+    """Train one variant to completion (resuming its own checkpoint); returns its summary."""
+    if in_process:
+        with open(os.path.join(run_dir, "sweep_run.yaml"), "w") as f:
+            yaml.safe_dump(run_cfg, f, sort_keys=False)
+        from zoo.config import load_run_config
+        from zoo.train import Trainer
+        with open(log_path, "a") as log:
+            trainer = Trainer(load_run_config(run_cfg, ["trainer.progress=false"]), run_dir, resume=True,
+                              log=lambda m: (log.write(m + "\n"), log.flush()))
+            return trainer.fit()
+    proc, fh = _start_variant(run_dir, run_cfg, log_path, None)
+    return _finish_variant(proc, fh, run_dir, log_path)
+
+
+def run_sweep(source: str | dict, out_dir: str, *, in_process: bool = False, jobs: int = 1,
               log: Callable[[str], None] = print) -> list[dict]:
-    """Train every (task, variant) not yet finished, then write the tables and plots. Returns rows."""
+    """Train every (task, variant) not yet finished, then write the tables and plots. Returns rows.
+
+    jobs > 1 trains that many variants at once, each process with cpu_count // jobs threads (on a
+    CPU, several single-threaded runs use the cores better than one run's small matrix products).
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be >= 1")
     sweep = load_sweep(source)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep.yaml"), "w") as f:
         yaml.safe_dump(sweep, f, sort_keys=False)
     runs = plan(sweep)
-    rows = []
+    results: dict[int, dict] = {}
     start = time.perf_counter()
+    pending = []
     for i, r in enumerate(runs, 1):
         run_dir = os.path.join(out_dir, r["task"], r["variant"])
         os.makedirs(run_dir, exist_ok=True)
-        result_path = os.path.join(run_dir, RESULT_FILE)
         tag = f"[{i}/{len(runs)}] {r['task']}/{r['variant']}"
+        result_path = os.path.join(run_dir, RESULT_FILE)
         if os.path.exists(result_path):
             with open(result_path) as f:
-                rows.append(json.load(f))
+                results[i] = json.load(f)
             log(f"{tag}: finished earlier, skipped")
-            continue
-        log(f"{tag}: training ({r['run']['model'].get('d_model')} wide) ...")
-        t0 = time.perf_counter()
-        summary = _run_variant(run_dir, r["run"], os.path.join(run_dir, "train.log"), in_process)
+        else:
+            pending.append((i, r, run_dir, tag))
+
+    def record(i, r, run_dir, tag, summary, t0):
         row = result_row(r, summary)
+        result_path = os.path.join(run_dir, RESULT_FILE)
         with open(result_path + ".tmp", "w") as f:
             json.dump(row, f, indent=2)
         os.replace(result_path + ".tmp", result_path)     # the result file marks the variant done
-        rows.append(row)
+        results[i] = row
         log(f"{tag}: {row['layout']}  {row['metric_name']} {_fmt(row['metric'])}  loss {_fmt(row['final_loss'])}  "
             f"{_fmt(row['tokens_per_s'], '.0f')} tok/s  ({time.perf_counter() - t0:.0f} s)")
+
+    if in_process or jobs == 1:
+        for i, r, run_dir, tag in pending:
+            log(f"{tag}: training ({r['run']['model'].get('d_model')} wide) ...")
+            t0 = time.perf_counter()
+            summary = _run_variant(run_dir, r["run"], os.path.join(run_dir, "train.log"), in_process)
+            record(i, r, run_dir, tag, summary, t0)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        running = []
+        queue = list(pending)
+        while queue or running:
+            while queue and len(running) < jobs:
+                i, r, run_dir, tag = queue.pop(0)
+                log(f"{tag}: training ({r['run']['model'].get('d_model')} wide, {threads} thread(s)) ...")
+                log_path = os.path.join(run_dir, "train.log")
+                proc, fh = _start_variant(run_dir, r["run"], log_path, threads)
+                running.append((proc, fh, i, r, run_dir, tag, log_path, time.perf_counter()))
+            time.sleep(0.5)
+            for item in [x for x in running if x[0].poll() is not None]:
+                running.remove(item)
+                proc, fh, i, r, run_dir, tag, log_path, t0 = item
+                record(i, r, run_dir, tag, _finish_variant(proc, fh, run_dir, log_path), t0)
+    rows = [results[i] for i in sorted(results)]
     write_results(rows, out_dir)
     write_plots(rows, out_dir)
     log(f"sweep done in {time.perf_counter() - start:.0f} s: {out_dir}/results.md")

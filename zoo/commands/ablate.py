@@ -11,6 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="sweep YAML, e.g. configs/ablations/attention-ratio.yaml")
     parser.add_argument("--out", default=None, help="output directory (default: runs/<sweep name>); "
                                                      "running again resumes, skipping finished variants")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="variants trained at once, each with cpu_count/jobs threads (CPU: use the number of cores)")
     parser.add_argument("--in-process", action="store_true",
                         help="train variants in this process (faster start; peak memory is then the sweep's)")
 
@@ -20,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.sweep))[0])
     try:
-        run_sweep(args.sweep, out, in_process=args.in_process, log=lambda m: print(m, flush=True))
+        run_sweep(args.sweep, out, in_process=args.in_process, jobs=args.jobs, log=lambda m: print(m, flush=True))
     except ValueError as e:
         print(f"zoo ablate: error: {e}", file=sys.stderr)
         return 2
