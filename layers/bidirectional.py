@@ -101,9 +101,12 @@ class BiMamba(Mamba):
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                  conv_bias: bool = True, bias: bool = False, inner_norms: str | None = None,
-                 norm_eps: float = 1e-6, combine: str = "mean", backend: str | None = None,
+                 norm_eps: float = 1e-6, combine: str = "mean", n_heads: int = 1, backend: str | None = None,
                  device=None, dtype=None):
         _check_combine(combine)
+        if n_heads != 1:
+            raise ValueError(f"BiMamba: n_heads={n_heads!r}: the bidirectional mixer has single-head "
+                             f"x_proj/dt_proj; use n_heads: 1 (or the generic `bidirectional` wrapper)")
         self._building = True       # Mamba.__init__ calls reset_parameters before the _b params exist
         super().__init__(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
                          dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
