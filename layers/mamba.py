@@ -1,6 +1,7 @@
 """Mamba-1 mixer (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"),
 parameter-compatible with mamba_ssm's Mamba (and, with inner norms, Jamba's and Falcon Mamba's
-mixers), with an inference state that continues for any number of new tokens.
+mixers; with n_heads > 1, Zamba's multi-head mixer), with an inference state that continues for any
+number of new tokens.
 
 x: [batch, seqlen, d_model] -> y: [batch, seqlen, d_model]
 """
@@ -59,6 +60,14 @@ class Mamba(nn.Module):
     conv_bias: bias on conv1d. bias: biases on in_proj and out_proj.
     inner_norms: None, "learned" (Jamba: RMSNorm with weights on dt, B and C after x_proj) or
       "weightless" (Falcon Mamba: the same norms without weights). norm_eps: their epsilon.
+    n_heads: Zamba's multi-head Mamba-1 (transformers' n_mamba_heads). The d_inner channels split
+      into n_heads heads of headdim = d_inner / n_heads channels; each head has its own x_proj and
+      dt_proj and its own B and C (the groups of the selective scan). With n_heads = 1 (default) the
+      parameters are mamba_ssm's x_proj / dt_proj Linears; with n_heads > 1 they are (as in
+      transformers' ZambaMambaMixer) x_proj_weight [n_heads, dt_rank + 2 d_state, headdim],
+      dt_proj_weight [n_heads, headdim, dt_rank] and dt_proj_bias [n_heads, headdim]. A_log
+      [d_inner, d_state] and D [d_inner] keep their shapes (head h owns channels h * headdim to
+      (h + 1) * headdim - 1).
     backend: kernel backend ("auto" | "reference" | "fused"; None follows HYBRID_ZOO_KERNELS).
     """
 
@@ -66,15 +75,18 @@ class Mamba(nn.Module):
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                  conv_bias: bool = True, bias: bool = False, inner_norms: str | None = None,
-                 norm_eps: float = 1e-6, backend: str | None = None, device=None, dtype=None):
+                 norm_eps: float = 1e-6, n_heads: int = 1, backend: str | None = None, device=None,
+                 dtype=None):
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("n_heads", n_heads)):
             _positive_int(name, value)
         d_inner = expand * d_model if isinstance(expand, (int, float)) and not isinstance(expand, bool) else None
         if d_inner is None or expand <= 0 or d_inner != int(d_inner):
             raise ValueError(f"Mamba: expand={expand!r} must be a positive number making expand * d_model "
                              f"a whole number (d_model={d_model})")
         d_inner = int(d_inner)
+        if d_inner % n_heads:
+            raise ValueError(f"Mamba: n_heads={n_heads} must divide d_inner = expand * d_model = {d_inner}")
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
         elif not isinstance(dt_rank, int) or isinstance(dt_rank, bool) or dt_rank <= 0:
@@ -98,6 +110,7 @@ class Mamba(nn.Module):
 
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner, self.dt_rank = d_inner, dt_rank
+        self.n_heads, self.headdim = n_heads, d_inner // n_heads
         self.dt_min, self.dt_max, self.dt_init, self.dt_scale = dt_min, dt_max, dt_init, dt_scale
         self.dt_init_floor, self.inner_norms, self.backend = dt_init_floor, inner_norms, backend
 
@@ -105,8 +118,13 @@ class Mamba(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias, **factory)         # -> x | z
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1,
                                 bias=conv_bias, **factory)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory)  # -> dt | B | C
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
+        if n_heads == 1:
+            self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory)  # -> dt | B | C
+            self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
+        else:   # block-diagonal per head: head h's channels -> its own dt | B | C, its dt -> its channels
+            self.x_proj_weight = nn.Parameter(torch.empty(n_heads, dt_rank + 2 * d_state, self.headdim, **factory))
+            self.dt_proj_weight = nn.Parameter(torch.empty(n_heads, self.headdim, dt_rank, **factory))
+            self.dt_proj_bias = nn.Parameter(torch.empty(n_heads, self.headdim, **factory))
         if inner_norms is not None:
             learned = inner_norms == "learned"
             self.dt_layernorm = RMSNorm(dt_rank, eps=norm_eps, weight=learned, **factory)
@@ -117,10 +135,17 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
         self.reset_parameters()
 
+    def _dt_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt_proj's weight and bias: dt_proj.weight / dt_proj.bias, or with n_heads > 1
+        dt_proj_weight / dt_proj_bias."""
+        if self.n_heads == 1:
+            return self.dt_proj.weight, self.dt_proj.bias
+        return self.dt_proj_weight, self.dt_proj_bias
+
     def _mark_no_weight_decay(self) -> None:
-        """Flag A_log, D and dt_proj.bias for the trainer (no weight decay: their values set time
-        scales) and for the model init (keep dt_proj.bias)."""
-        for p in (self.A_log, self.D, self.dt_proj.bias):
+        """Flag A_log, D and the dt bias (dt_proj.bias, or dt_proj_bias with n_heads > 1) for the
+        trainer (no weight decay: their values set time scales) and for the model init (keep the bias)."""
+        for p in (self.A_log, self.D, self._dt_weight_and_bias()[1]):
             p._no_weight_decay = True
 
     def _apply(self, fn, recurse=True):
@@ -136,21 +161,29 @@ class Mamba(nn.Module):
         out_proj; dt_proj.weight ~ uniform(+-s) ("random") or = s ("constant"), s = dt_rank^-0.5 *
         dt_scale; dt_proj.bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] floored at
         dt_init_floor; A_log[d, n] = log(n + 1) (S4D-real: A = -(1, 2, ..., d_state) per channel);
-        D = 1; inner norm weights = 1. Marks A_log, D, dt_proj.bias with `_no_weight_decay`."""
+        D = 1; inner norm weights = 1. With n_heads > 1 the same per head: x_proj_weight[h] ~
+        uniform(+-headdim^-0.5) (nn.Linear's default for a headdim-wide input), dt_proj_weight and
+        dt_proj_bias as dt_proj's. Marks A_log, D and the dt bias with `_no_weight_decay`."""
         self._mark_no_weight_decay()
-        for module in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
+        if self.n_heads == 1:
+            modules = (self.in_proj, self.conv1d, self.x_proj, self.out_proj)
+        else:
+            modules = (self.in_proj, self.conv1d, self.out_proj)
+            self.x_proj_weight.uniform_(-self.headdim ** -0.5, self.headdim ** -0.5)
+        for module in modules:
             module.reset_parameters()
+        dt_weight, dt_bias = self._dt_weight_and_bias()
         std = self.dt_rank ** -0.5 * self.dt_scale
         if self.dt_init == "constant":
-            self.dt_proj.weight.fill_(std)
+            dt_weight.fill_(std)
         else:
-            self.dt_proj.weight.uniform_(-std, std)
+            dt_weight.uniform_(-std, std)
         device = self.A_log.device
         log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
         dt = torch.exp(torch.rand(self.d_inner, device=device) * (log_hi - log_lo) + log_lo)
         dt = dt.clamp(min=self.dt_init_floor)
         # inverse of softplus: dt + log(1 - exp(-dt)), so that softplus(bias) == dt
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).view(dt_bias.shape))
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
         self.A_log.copy_(torch.log(A).expand(self.d_inner, self.d_state))
         self.D.fill_(1.0)
@@ -195,22 +228,34 @@ class Mamba(nn.Module):
         xs = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                            conv_state=None if state is None else state.conv_state, seq_idx=seq_idx,
                            backend=self.backend)                              # [b, l, d_inner]
-        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        split = [self.dt_rank, self.d_state, self.d_state]
+        if self.n_heads == 1:
+            dt, B, C = self.x_proj(xs).split(split, dim=-1)                  # B, C [b, l, d_state]
+            dt_bias = self.dt_proj.bias
+        else:
+            heads = xs.view(batch, seqlen, self.n_heads, self.headdim)
+            dt, B, C = torch.einsum("blhp,hkp->blhk", heads, self.x_proj_weight).split(split, dim=-1)
+            dt_bias = self.dt_proj_bias.reshape(self.d_inner)                # B, C [b, l, n_heads, d_state]
         if self.inner_norms is not None:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         # dt_proj without its bias: the bias goes into the scan as delta_bias, added before softplus
-        dt = F.linear(dt, self.dt_proj.weight)                                # [b, l, d_inner]
+        if self.n_heads == 1:
+            dt = F.linear(dt, self.dt_proj.weight)                            # [b, l, d_inner]
+        else:
+            dt = torch.einsum("blhr,hpr->blhp", dt, self.dt_proj_weight).reshape(batch, seqlen, self.d_inner)
         A = -torch.exp(_fp32(self.A_log))                                     # [d_inner, d_state], < 0
         if state is not None and seqlen == 1 and xs.is_cuda and resolve_backend(self.backend) != "reference":
             # one token continuing a state (decode): the fused single-step update, in place
             y = selective_state_update(state.ssm_state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
                                        D=_fp32(self.D), z=None if z is None else z[:, 0],
-                                       dt_bias=_fp32(self.dt_proj.bias), dt_softplus=True)
+                                       dt_bias=_fp32(dt_bias), dt_softplus=True)
             return y.unsqueeze(1)                                             # [b, 1, d_inner]
+        # B, C: [b, l, d_state] -> [b, d_state, l], or per head [b, l, n_heads, d_state] -> [b, n_heads,
+        # d_state, l] (head h's B and C serve its channels: the scan's groups)
         out = selective_scan_fn(
-            xs.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+            xs.transpose(1, 2), dt.transpose(1, 2), A, B.movedim(1, -1), C.movedim(1, -1),
             D=_fp32(self.D), z=None if z is None else z.transpose(1, 2),
-            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+            delta_bias=_fp32(dt_bias), delta_softplus=True,
             return_last_state=state is not None,
             initial_state=None if state is None else state.ssm_state, seq_idx=seq_idx,
             backend=self.backend)                                             # [b, d_inner, l]
@@ -220,5 +265,6 @@ class Mamba(nn.Module):
         return out.transpose(1, 2)
 
     def extra_repr(self) -> str:
+        heads = f", n_heads={self.n_heads}" if self.n_heads > 1 else ""
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
-                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, inner_norms={self.inner_norms}")
+                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, inner_norms={self.inner_norms}{heads}")
