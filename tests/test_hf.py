@@ -46,6 +46,11 @@ def _tiny_hf(model_type: str):
             mamba_headdim=8, n_mamba_heads=8, mamba_ngroups=2, chunk_size=16, use_shared_attention_adapter=True,
             adapter_rank=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba", "hybrid"],
             num_mem_blocks=2, use_mem_rope=True))
+    if model_type == "zamba":
+        # hybrid (shared block) at layers 2 and 4; 2 Mamba heads; GQA in the shared attention
+        return t.ZambaForCausalLM(t.ZambaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, n_mamba_heads=2, mamba_d_state=8, attn_layer_period=2, attn_layer_offset=1))
     raise AssertionError(model_type)
 
 
@@ -69,7 +74,7 @@ def _rerandomise(model, seed=0):
     return model.eval()
 
 
-MODEL_TYPES = ["mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "nemotron_h", "zamba2"]
+MODEL_TYPES = ["mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "nemotron_h", "zamba2", "zamba"]
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)
@@ -177,3 +182,53 @@ def test_sharded_checkpoints_load(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert_close(load_hf(tmp_path)(ids).logits, hf(ids).logits, 1e-4, "sharded")
+
+
+def test_zamba_7b_config_is_the_published_checkpoints_layout():
+    """configs/models/zamba-7b.yaml expands to the layout the zoo reads from Zyphra/Zamba-7B-v1's
+    config (transformers' ZambaConfig defaults are that checkpoint's): 2-head Mamba layers, the
+    shared block's sites, its attention shape and score scale."""
+    from zoo import load_config
+
+    ours = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "models", "zamba-7b.yaml"))
+    published = load_config(hf_to_zoo_config(transformers.ZambaConfig().to_dict()))
+    assert ours["layout"] == published["layout"]
+    assert all(e["n_heads"] == 2 for e in ours["layout"] if e["type"] == "mamba")
+    (attn, mlp), (attn_hf, mlp_hf) = (c["shared"]["attn_block"]["blocks"] for c in (ours, published))
+    assert mlp == mlp_hf
+    assert attn["softmax_scale"] == attn_hf["softmax_scale"] == (464 / 2) ** -0.5
+    assert (attn["head_dim"] or attn["d_model"] // attn["n_heads"]) == attn_hf["head_dim"] == 464
+    assert (attn["n_kv_heads"] or attn["n_heads"]) == attn_hf["n_kv_heads"]
+
+
+def test_zamba_with_one_mamba_head_loads_into_single_head_layers(tmp_path):
+    hf = _rerandomise(transformers.ZambaForCausalLM(transformers.ZambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=4, n_mamba_heads=1, mamba_d_state=8, attn_layer_period=2, attn_layer_offset=1)), seed=7)
+    hf.save_pretrained(tmp_path)
+    zoo_model = load_hf(tmp_path).eval()
+    assert hasattr(zoo_model.layers[0].mixer, "x_proj")         # mamba_ssm's Linear names
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert_close(zoo_model(ids).logits, hf(ids).logits, 1e-4, "zamba, one mamba head")
+
+
+def test_zamba_shared_block_stored_at_every_site_loads_once(tmp_path):
+    """Checkpoints saved without weight tying repeat shared_transf under every hybrid layer: equal
+    copies load, a differing copy is an error naming it."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _rerandomise(_tiny_hf("zamba"), seed=9)
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    first = "model.layers.2.shared_transf."
+    copies = {k.replace(first, "model.layers.4.shared_transf."): v.clone()
+              for k, v in state.items() if k.startswith(first)}
+    save_file({**state, **copies}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert_close(load_hf(tmp_path)(ids).logits, hf(ids).logits, 1e-4, "repeated shared block")
+    copies["model.layers.4.shared_transf.self_attn.q_proj.weight"] += 1.0
+    save_file({**state, **copies}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HFConversionError, match="model.layers.4.shared_transf.self_attn.q_proj.weight"):
+        load_hf(tmp_path)

@@ -411,6 +411,135 @@ def _split_gate_up(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def _zamba_config(hf: dict) -> dict:
+    """Zamba (v1): Mamba-1 layers with n_mamba_heads heads (per-head x_proj / dt_proj, B, C); "hybrid"
+    layers first run ONE shared attention + MLP block (weights tied across all sites) on
+    concat(hidden, embeddings), whose output goes through a per-site linear and is added to that Mamba
+    layer's input only (zoo: output next_input). Attention: no positional encoding, score scale
+    (head_dim/2)^-0.5. No residual inside the block (zoo SharedBlock)."""
+    _require(hf, "hidden_mamba_act", ("silu",))
+    act = _get(hf, "hidden_act", "gelu")
+    if act not in ("gelu", "silu"):
+        raise HFConversionError(f"config.json: hidden_act={act!r} is not supported (gelu or silu)")
+    eps = float(_get(hf, "rms_norm_eps", 1e-5))
+    d_model = int(_get(hf, "hidden_size", required=True))
+    n_layers = int(_get(hf, "num_hidden_layers", required=True))
+    attn_width = int(_get(hf, "attention_hidden_size", 2 * d_model))
+    if attn_width != 2 * d_model:
+        raise HFConversionError(f"config.json: attention_hidden_size={attn_width} must be 2 * hidden_size = "
+                                f"{2 * d_model} (the shared block reads concat(hidden, embeddings))")
+    n_heads = int(_get(hf, "num_attention_heads", required=True))
+    head_dim = int(_get(hf, "attention_head_dim", 2 * d_model // n_heads))
+    types = _get(hf, "layers_block_type")
+    if types is None:           # transformers' default placement: hybrid at 2, then at 3 + i, i % period == offset
+        period, offset = int(_get(hf, "attn_layer_period", 6)), int(_get(hf, "attn_layer_offset", 4))
+        types = ["mamba", "mamba", "hybrid"] + ["hybrid" if i % period == offset else "mamba"
+                                                for i in range(n_layers - 3)]
+    unknown = sorted({t for t in types if t not in ("mamba", "linear_attention", "hybrid")})
+    if unknown:
+        raise HFConversionError(f"config.json: layers_block_type has {unknown}; zamba layers are "
+                                f"mamba / linear_attention / hybrid")
+    if len(types) != n_layers:
+        raise HFConversionError(f"config.json: layers_block_type has {len(types)} entries but "
+                                f"num_hidden_layers={n_layers}")
+    d_inner = int(_get(hf, "mamba_expand", 2)) * d_model
+    n_mamba_heads = int(_get(hf, "n_mamba_heads", 2))
+    if d_inner % n_mamba_heads:
+        raise HFConversionError(f"config.json: n_mamba_heads={n_mamba_heads} must divide mamba_expand * "
+                                f"hidden_size = {d_inner}")
+    hybrid = [i for i, t in enumerate(types) if t == "hybrid"]
+    cfg = _lm_common(hf, "zamba", eps, True)
+    cfg["residual_in_fp32"] = False
+    cfg.update(
+        mamba={"d_state": int(_get(hf, "mamba_d_state", 16)), "d_conv": int(_get(hf, "mamba_d_conv", 4)),
+               "expand": int(_get(hf, "mamba_expand", 2)), "dt_rank": _dt_rank(hf, "mamba_dt_rank", d_model),
+               "conv_bias": bool(_get(hf, "mamba_conv_bias", True)), "bias": bool(_get(hf, "mamba_proj_bias", False)),
+               "dt_min": float(_get(hf, "time_step_min", 1e-3)), "dt_max": float(_get(hf, "time_step_max", 0.1)),
+               "dt_init_floor": float(_get(hf, "time_step_floor", 1e-4)), "n_heads": n_mamba_heads},
+        attention={"n_heads": n_heads, "n_kv_heads": int(_get(hf, "num_key_value_heads", n_heads)),
+                   "head_dim": head_dim, "softmax_scale": (head_dim / 2) ** -0.5},
+        mlp={"d_ff": int(_get(hf, "intermediate_size", required=True)),
+             "activation": "geglu" if act == "gelu" else "swiglu"},
+        layers={"count": n_layers, "mixer": "mamba"},
+    )
+    if hybrid:
+        cfg["shared"] = {"attn_block": {"input": "concat_embeddings", "output": "next_input",
+                                        "blocks": ["attention", "mlp"]}}
+        cfg["layers"]["insert"] = {"attn_block": {"at": hybrid}}
+    return cfg
+
+
+_ZAMBA_BLOCK = {"norms.0.weight": "input_layernorm.weight", "norms.1.weight": "pre_ff_layernorm.weight",
+                "blocks.0.": "self_attn.", "blocks.1.": "feed_forward."}
+
+
+def _zamba_key(zoo_key: str, layout: list[dict]) -> str:
+    """zamba: main layer i is HF layer i (under mamba_decoder. when a shared site precedes it); the
+    site before it holds model.layers.{i}.linear; the shared block's weights live under the first
+    hybrid layer's shared_transf (transformers ties the others to it)."""
+    if zoo_key in _LM_ENDS:
+        return {"embedding.weight": "model.embed_tokens.weight", "norm_f.weight": "model.final_layernorm.weight",
+                "lm_head.weight": "lm_head.weight"}[zoo_key]
+    main, sites, holder = _zamba2_sites(layout)
+    if zoo_key.startswith("shared."):
+        _, block, rest = zoo_key.split(".", 2)
+        for ours, theirs in _ZAMBA_BLOCK.items():
+            if rest.startswith(ours):
+                return f"model.layers.{holder[block]}.shared_transf.{theirs}{rest[len(ours):]}"
+        raise HFConversionError(f"import: {zoo_key} has no zamba counterpart")
+    pos, rest = _split_layer_key(zoo_key)
+    if pos in sites:
+        if rest != "linear.weight":
+            raise HFConversionError(f"import: {zoo_key} has no zamba counterpart (zamba sites have no LoRA)")
+        return f"model.layers.{sites[pos][0]}.linear.weight"
+    hybrid = pos > 0 and layout[pos - 1]["type"] == "shared"
+    inner = "mamba_decoder." if hybrid else ""
+    if rest == "norm.weight":
+        return f"model.layers.{main[pos]}.{inner}input_layernorm.weight"
+    return f"model.layers.{main[pos]}.{inner}mamba.{rest[len('mixer.'):]}"
+
+
+_ZAMBA_SHARED_RE = re.compile(r"^model\.layers\.(\d+)\.shared_transf\.(.+)$")
+
+
+def _zamba_prepare(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """zamba tensors -> the zoo's layouts:
+    - in_proj rows alternate x and z channels (transformers views the output as [.., d_inner, 2]):
+      rows 0::2 are x, rows 1::2 are z; the zoo's in_proj is x | z.
+    - A_log [heads, headdim, d_state] -> [d_inner, d_state]; D [heads, headdim] -> [d_inner].
+    - one head: x_proj_weight [1, ...], dt_proj_weight [1, ...], dt_proj_bias [1, ...] -> the zoo's
+      x_proj / dt_proj Linears.
+    - shared_transf copies under later hybrid layers (checkpoints saved without tying) must equal the
+      first one's and are dropped."""
+    out, shared = {}, {}
+    for key, value in hf_state.items():
+        m = _ZAMBA_SHARED_RE.match(key)
+        if m:
+            shared.setdefault(m.group(2), []).append((int(m.group(1)), key, value))
+            continue
+        if ".mamba." in key:
+            name = key.rsplit(".mamba.", 1)[1]
+            base = key[: -len(name)]
+            if name in ("in_proj.weight", "in_proj.bias"):
+                value = torch.cat([value[0::2], value[1::2]], dim=0)
+            elif name == "A_log":
+                value = value.reshape(-1, value.shape[-1])
+            elif name == "D":
+                value = value.reshape(-1)
+            elif name in ("x_proj_weight", "dt_proj_weight", "dt_proj_bias") and value.shape[0] == 1:
+                key, value = base + name.replace("_weight", ".weight").replace("_bias", ".bias"), value[0]
+        out[key] = value
+    for name, copies in shared.items():
+        copies.sort(key=lambda c: c[0])
+        _, first_key, first = copies[0]
+        for _, key, value in copies[1:]:
+            if value.shape != first.shape or not torch.equal(value, first):
+                raise HFConversionError(f"checkpoint: {key} differs from {first_key}; zamba's shared block "
+                                        f"must be one set of weights")
+        out[first_key] = first
+    return out
+
+
 _LM_ENDS = {"embedding.weight", "norm_f.weight", "lm_head.weight"}
 
 
@@ -542,6 +671,7 @@ FORMATS: dict[str, _Format] = {
     "jamba": _Format(_jamba_config, _jamba_key, _jamba_hf_config),
     "bamba": _Format(_bamba_config, _jamba_key),
     "nemotron_h": _Format(_nemotron_config, _nemotron_key, in_memory_roots=(("model.", "backbone."),)),
+    "zamba": _Format(_zamba_config, _zamba_key, prepare=_zamba_prepare),
     "zamba2": _Format(_zamba2_config, _zamba2_key, prepare=_split_gate_up),
 }
 
