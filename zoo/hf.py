@@ -2,7 +2,7 @@
 
 Reading: `load_hf(path)` translates config.json into a zoo config (the layout language) and renames
 the weights into the zoo's names; the zoo model then computes what the transformers model computes
-(tests/test_hf_parity.py proves it per model type). Writing: `export_hf(model, out_dir)` writes a
+(tests/test_hf.py proves it per model type). Writing: `export_hf(model, out_dir)` writes a
 directory that `transformers` loads, for the mamba, falcon_mamba, mamba2 and jamba layouts.
 
 Each supported `model_type` is one `_Format`: a config translator and a key map
