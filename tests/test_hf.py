@@ -151,6 +151,16 @@ def test_convert_command_round_trips(tmp_path):
         assert_close(model(ids).logits, hf(ids).logits, 1e-4, "converted jamba")
 
 
+def test_from_pretrained_reads_hugging_face_directories(tmp_path):
+    import zoo
+
+    hf = _rerandomise(_tiny_hf("mamba2"), seed=5)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_close(zoo.from_pretrained(str(tmp_path))(ids).logits, hf(ids).logits, 1e-4, "from_pretrained")
+
+
 def test_unsupported_model_type_names_the_field():
     with pytest.raises(HFConversionError, match="model_type='llama'"):
         hf_to_zoo_config({"model_type": "llama", "hidden_size": 8, "vocab_size": 8})

@@ -182,8 +182,9 @@ def is_zoo_checkpoint(path: str) -> bool:
 
 
 def from_pretrained(path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a model from a zoo checkpoint directory, or from a training run directory (its newest
-    checkpoint). Returns the model in eval mode on `device`.
+    """Load a model from a zoo checkpoint directory, a training run directory (its newest
+    checkpoint), or a Hugging Face checkpoint directory (config.json + safetensors; zoo/hf.py).
+    Returns the model in eval mode on `device`.
     """
     if not os.path.isdir(path):
         raise ValueError(f"from_pretrained: {path!r} is not a directory; give a directory holding "
@@ -196,8 +197,14 @@ def from_pretrained(path: str, *, device: str | torch.device = "cpu", dtype: tor
     if is_zoo_checkpoint(resolved):
         return _load_zoo(resolved, device=device, dtype=dtype)
     if os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"from_pretrained: {path!r} is a Hugging Face checkpoint (config.json); this "
-                         f"installation cannot load that format yet: convert it with `zoo convert`")
+        from zoo.hf import is_hf_checkpoint, load_hf
+
+        if not is_hf_checkpoint(path):
+            raise ValueError(f"from_pretrained: {path!r} has a config.json without a model_type, so it is "
+                             f"not a Hugging Face checkpoint the zoo can read; expected {CONFIG_FILE} + "
+                             f"{WEIGHTS_FILE} (zoo format) or an HF directory")
+        model = load_hf(path, device=device, dtype=dtype)
+        return model.eval()
     raise ValueError(f"from_pretrained: {path!r} is not a checkpoint: expected {CONFIG_FILE} + {WEIGHTS_FILE} "
                      f"(zoo format), a training run with {CHECKPOINTS_DIR}/{LATEST_FILE}, or config.json "
                      f"(Hugging Face)")
