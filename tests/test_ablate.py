@@ -107,6 +107,7 @@ def test_attention_ratio_counts_sequence_mixers_only():
     ({"variants": [{"name": "a"}, {"name": "a"}]}, "unique"),
     ({"variants": [{"name": "a", "override": {}}]}, "override"),
     ({"tasks": {"m": {"task": {"name": "mqar"}}}}, "exactly one"),
+    ({"jobs": 0}, "jobs"),
 ])
 def test_sweep_errors_name_the_key(change, needle):
     with pytest.raises(ConfigError, match=needle):

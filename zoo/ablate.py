@@ -12,6 +12,7 @@ A sweep file:
     param_match: false            # true: adjust each variant's d_model so its total parameters are
                                   # within param_match_tolerance of the base model's
     param_match_tolerance: 0.02
+    jobs: 1                       # variants trained at once (CPU: the number of cores; --jobs overrides)
     variants:
       - {name: mamba2, overrides: {pattern: MMMMMMMM}}
       - {name: 1-in-4, overrides: {layers.attention_ratio: 0.25}, trainer: {lr: 3e-3}}
@@ -45,7 +46,7 @@ import yaml
 from zoo.config import ConfigError, load_model_yaml, read_yaml, resolve_model_path, trainer_from_dict
 
 SWEEP_KEYS = ("name", "description", "model", "task", "tasks", "trainer", "variants", "param_match",
-              "param_match_tolerance", "param_match_multiple")
+              "param_match_tolerance", "param_match_multiple", "jobs")
 VARIANT_KEYS = ("name", "overrides", "trainer", "description")
 FIXED_TRAINER_KEYS = ("steps", "batch_size", "grad_accum", "seed")
 RESULT_FILE = "result.json"
@@ -93,6 +94,9 @@ def load_sweep(source: str | dict) -> dict:
         if extra:
             raise _err(where, f"tasks.{label}.{sorted(extra)[0]}: unknown key; a task entry has task and trainer")
         trainer_from_dict({**base_trainer, **(spec.get("trainer") or {})}, where=f"{where}: tasks.{label}.")
+    jobs = sweep.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise _err(where, f"jobs={jobs!r}: must be an integer >= 1 (variants trained at once)")
     variants = sweep.get("variants")
     if not isinstance(variants, list) or not variants:
         raise _err(where, "variants: must be a non-empty list of {name, overrides}")
@@ -238,16 +242,18 @@ def _run_variant(run_dir: str, run_cfg: dict, log_path: str, in_process: bool) -
     return _finish_variant(proc, fh, run_dir, log_path)
 
 
-def run_sweep(source: str | dict, out_dir: str, *, in_process: bool = False, jobs: int = 1,
+def run_sweep(source: str | dict, out_dir: str, *, in_process: bool = False, jobs: int | None = None,
               log: Callable[[str], None] = print) -> list[dict]:
     """Train every (task, variant) not yet finished, then write the tables and plots. Returns rows.
 
     jobs > 1 trains that many variants at once, each process with cpu_count // jobs threads (on a
     CPU, several single-threaded runs use the cores better than one run's small matrix products).
     """
-    if jobs < 1:
-        raise ValueError(f"jobs={jobs} must be >= 1")
     sweep = load_sweep(source)
+    if jobs is None:                   # the sweep file's choice, else one at a time
+        jobs = sweep.get("jobs", 1)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs={jobs!r} must be an integer >= 1 (variants trained at once)")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep.yaml"), "w") as f:
         yaml.safe_dump(sweep, f, sort_keys=False)

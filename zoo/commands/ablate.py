@@ -11,8 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="sweep YAML, e.g. configs/ablations/attention-ratio.yaml")
     parser.add_argument("--out", default=None, help="output directory (default: runs/<sweep name>); "
                                                      "running again resumes, skipping finished variants")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="variants trained at once, each with cpu_count/jobs threads (CPU: use the number of cores)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="variants trained at once, each with cpu_count/jobs threads (default: the "
+                             "sweep's `jobs`, else 1; on a CPU use the number of cores)")
     parser.add_argument("--in-process", action="store_true",
                         help="train variants in this process (faster start; peak memory is then the sweep's)")
 
