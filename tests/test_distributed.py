@@ -7,7 +7,6 @@ mean gradient. That makes a one-process run the reference for the two-process on
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
