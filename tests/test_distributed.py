@@ -6,6 +6,7 @@ mean gradient. That makes a one-process run the reference for the two-process on
 """
 import os
 import socket
+import time
 
 import torch
 import torch.multiprocessing as mp
@@ -22,19 +23,26 @@ def tiny_run(**trainer):
                         "progress": False, "device": "cpu", **trainer}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]      # held open together: n distinct ports
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Both parallel modes in one pair of processes (each start costs seconds of imports)."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+def _worker(rank: int, world: int, ports: list[int], out_dir: str) -> None:
+    """Both parallel modes in one pair of processes (each start costs seconds of imports); each mode
+    rendezvous on its own port (re-using a closed store's port can hang the second init)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(world),
                        "RANK": str(rank), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    for parallel in ("ddp", "fsdp"):
+    for parallel, port in zip(("ddp", "fsdp"), ports):
+        os.environ["MASTER_PORT"] = str(port)
         run_dir = os.path.join(out_dir, parallel)
         trainer = Trainer(load_run_config(tiny_run(parallel=parallel)), run_dir, log=lambda m: None)
         try:
@@ -47,7 +55,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_agree_and_match_one_process_accumulating(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ports = _free_ports(2)
+    context = mp.spawn(_worker, args=(2, ports, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180        # a stuck collective must fail the test, not hang CI
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise AssertionError("the two gloo processes did not finish within 180 s")
     single = Trainer(load_run_config(tiny_run(grad_accum=2)), str(tmp_path / "one"), log=lambda m: None)
     single.fit()
     reference = single.raw_model.state_dict()
