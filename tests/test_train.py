@@ -166,3 +166,44 @@ def test_train_command_runs_from_yaml(tmp_path, capsys):
     assert printed["steps"] == 3 and os.path.isdir(out / "checkpoints")
     assert main([str(path), "--out", str(tmp_path / "x"), "--set", "trainer.nope=1"]) == 2
     assert "trainer.nope" in capsys.readouterr().err
+
+
+def test_init_from_fine_tunes_a_checkpoint_without_restating_its_model(tmp_path):
+    """trainer.init_from starts from a checkpoint's weights (its model config when `model:` is left
+    out); a model that does not fit the checkpoint is an error naming the tensor."""
+    first = Trainer(load_run_config(tiny_run(steps=3)), str(tmp_path / "a"), log=quiet)
+    first.fit()
+    run = tiny_run(steps=2, init_from=str(tmp_path / "a"))
+    del run["model"]
+    second = Trainer(load_run_config(run), str(tmp_path / "b"), log=quiet)
+    for key, value in first.raw_model.state_dict().items():
+        assert torch.equal(second.raw_model.state_dict()[key], value), key
+    assert second.evaluate()["eval_loss"] == pytest.approx(first.evaluate()["eval_loss"], rel=1e-6)
+    second.fit()
+    wider = tiny_run(steps=2, init_from=str(tmp_path / "a"))
+    wider["model"]["d_model"] = 32
+    with pytest.raises(ConfigError, match="init_from"):
+        Trainer(load_run_config(wider), str(tmp_path / "c"), log=quiet)
+
+
+def test_init_from_reads_hugging_face_checkpoints(tmp_path):
+    transformers = pytest.importorskip("transformers", minversion="5.0")
+    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        vocab_size=32, hidden_size=16, state_size=8, num_hidden_layers=2, num_heads=4, head_dim=8, n_groups=1,
+        chunk_size=8))
+    hf.save_pretrained(tmp_path / "hf")
+    run = tiny_run(steps=2, init_from=str(tmp_path / "hf"))
+    del run["model"]
+    trainer = Trainer(load_run_config(run), str(tmp_path / "run"), log=quiet)
+    for key, value in hf.state_dict().items():
+        zoo_key = key.replace("backbone.embeddings", "embedding").replace("backbone.norm_f", "norm_f") \
+                     .replace("backbone.layers", "layers")
+        assert torch.equal(trainer.raw_model.state_dict()[zoo_key], value), key
+    trainer.fit()
+
+
+def test_missing_model_without_init_from_names_both_fixes():
+    run = tiny_run()
+    del run["model"]
+    with pytest.raises(ConfigError, match="init_from"):
+        load_run_config(run)

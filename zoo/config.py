@@ -61,6 +61,8 @@ class TrainerConfig:
     compile: bool = False                # torch.compile the model
     parallel: str = "ddp"                # under torchrun: ddp | fsdp (FSDP2 fully_shard per block)
     progress: bool = True                # tqdm progress bar on rank 0
+    init_from: str = ""                  # fine-tuning: start from these weights (zoo checkpoint, run
+                                         # directory or Hugging Face directory); `model:` may then be left out
 
     def validate(self) -> "TrainerConfig":
         def positive(name, allow_zero=False):
@@ -215,15 +217,19 @@ def load_run_config(source: str | dict, overrides: list[str] | dict | None = Non
     base_dir = os.path.dirname(os.path.abspath(source)) if isinstance(source, str) else os.getcwd()
 
     model = data.get("model")
-    if model is None:
-        raise ConfigError(f"{where}model: missing; give a model config dict or a path to configs/models/*.yaml")
+    trainer = dict(data.get("trainer") or {})
+    init_from = ov.get("trainer.init_from", trainer.get("init_from"))
+    if model is None and not init_from:
+        raise ConfigError(f"{where}model: missing; give a model config dict or a path to configs/models/*.yaml "
+                          f"(or trainer.init_from: a checkpoint directory to fine-tune, whose model is used)")
     if isinstance(model, str):
         model = resolve_model_path(model, base_dir)
+    elif model is None:
+        model = pretrained_model_config(init_from)
     task = data.get("task")
     if not isinstance(task, dict):
         raise ConfigError(f"{where}task: missing or not a mapping; give a task dict such as "
-                          f"{{name: mqar, vocab_size: 256, seq_len: 128, num_pairs: 16}}")
-    trainer = dict(data.get("trainer") or {})
+                          f"{{name: mqar, vocab_size: 256, seq_len: 128, num_kv_pairs: 16}}")
 
     model_overrides = {}
     for key, value in ov.items():
@@ -246,6 +252,24 @@ def load_run_config(source: str | dict, overrides: list[str] | dict | None = Non
                                 source=model if isinstance(model, str) else None)
     return RunConfig(model=model, task=task, trainer=trainer_from_dict(trainer, where=where),
                      source=source if isinstance(source, str) else None)
+
+
+def pretrained_model_config(path: str) -> dict:
+    """The model config of a checkpoint directory (zoo format, run directory or Hugging Face), read
+    without loading the weights, for a fine-tuning run that gives no `model:`."""
+    from zoo import checkpoint as ckpt
+    from zoo.hf import hf_to_zoo_config, is_hf_checkpoint, read_hf_config
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"trainer.init_from={path!r} is not a directory; give a zoo checkpoint, a run "
+                          f"directory or a Hugging Face checkpoint directory")
+    resolved = path if ckpt.is_zoo_checkpoint(path) else (ckpt.latest_checkpoint(path) or path)
+    if ckpt.is_zoo_checkpoint(resolved):
+        return load_model_yaml(os.path.join(resolved, ckpt.CONFIG_FILE))
+    if is_hf_checkpoint(path):
+        return hf_to_zoo_config(read_hf_config(path))
+    raise ConfigError(f"trainer.init_from={path!r} holds no checkpoint (expected {ckpt.CONFIG_FILE} + "
+                      f"{ckpt.WEIGHTS_FILE}, a run directory, or config.json + safetensors)")
 
 
 def resolve_model_path(path: str, base_dir: str) -> str:

@@ -660,7 +660,6 @@ def _jamba_hf_config(cfg: dict) -> dict:
         "mamba_d_state": m["d_state"], "mamba_d_conv": m["d_conv"], "mamba_expand": m["expand"],
         "mamba_dt_rank": m["dt_rank"] if m["dt_rank"] != "auto" else math.ceil(cfg["d_model"] / 16),
         "mamba_conv_bias": m["conv_bias"], "mamba_proj_bias": m["bias"], "hidden_act": "silu",
-        "use_mamba_kernels": False,
     }
 
 

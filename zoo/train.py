@@ -83,6 +83,23 @@ def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, reduction:
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
+def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
+    """Fine-tuning: copy the weights of the checkpoint at `path` (zoo, run directory or Hugging Face)
+    into `model`, which must have the same architecture; a mismatch names the first differing tensor."""
+    pretrained = ckpt.from_pretrained(path).state_dict()
+    own = model.state_dict()
+    missing = [k for k in own if k not in pretrained]
+    extra = [k for k in pretrained if k not in own]
+    if missing or extra:
+        raise ConfigError(f"trainer.init_from={path!r}: its model differs from model: (missing {missing[:2]}, "
+                          f"unexpected {extra[:2]}); leave model: out to fine-tune the checkpoint's own model")
+    for key, value in own.items():
+        if value.shape != pretrained[key].shape:
+            raise ConfigError(f"trainer.init_from={path!r}: {key} has shape {tuple(pretrained[key].shape)} "
+                              f"there but {tuple(value.shape)} in model: (vocab_size, d_model, ...?)")
+    model.load_state_dict(pretrained)
+
+
 def model_config_for_task(model_cfg: Any, task) -> dict:
     """The model config dict with what the task decides filled in where the config leaves it unset:
     vocab_size (lm); model kind and image.{num_classes, image_size, in_channels} (classify)."""
@@ -251,7 +268,10 @@ class Trainer:
         np.random.seed(self.cfg.seed)
         self.task = build_task(run.task)
         self.model_config = model_config_for_task(run.model, self.task)
-        self.model = build_model(self.model_config).to(self.device)
+        self.model = build_model(self.model_config)
+        if self.cfg.init_from:
+            load_pretrained_weights(self.model, self.cfg.init_from)
+        self.model = self.model.to(self.device)
         # dropout differs per rank; re-seeded after init so the init stays common
         torch.manual_seed(self.cfg.seed + 1 + self.dist.rank)
         self.raw_model = self.model
