@@ -372,17 +372,24 @@ _ZAMBA2_LORA = {"blocks_0_q_proj": "self_attn.linear_q_adapter_list", "blocks_0_
                 "blocks_0_v_proj": "self_attn.linear_v_adapter_list", "blocks_1_mlp": "feed_forward.gate_up_proj_adapter_list"}
 
 
+def _shared_block_key(zoo_key: str, holder: dict[str, int], inner: str, table: dict[str, str],
+                      model_type: str) -> str:
+    """shared.<block>.<rest> -> model.layers.{holder}.<inner>.<renamed rest>: transformers keeps a
+    tied shared block under the first hybrid layer that uses it."""
+    _, block, rest = zoo_key.split(".", 2)
+    for ours, theirs in table.items():
+        if rest.startswith(ours):
+            return f"model.layers.{holder[block]}.{inner}.{theirs}{rest[len(ours):]}"
+    raise HFConversionError(f"{zoo_key} has no {model_type} counterpart")
+
+
 def _zamba2_key(zoo_key: str, layout: list[dict]) -> str:
     if zoo_key in _LM_ENDS:
         return {"embedding.weight": "model.embed_tokens.weight", "norm_f.weight": "model.final_layernorm.weight",
                 "lm_head.weight": "lm_head.weight"}[zoo_key]
     main, sites, holder = _zamba2_sites(layout)
     if zoo_key.startswith("shared."):
-        _, block, rest = zoo_key.split(".", 2)
-        for ours, theirs in _ZAMBA2_BLOCK.items():
-            if rest.startswith(ours):
-                return f"model.layers.{holder[block]}.shared_transformer.{theirs}{rest[len(ours):]}"
-        raise HFConversionError(f"export/import: {zoo_key} has no zamba2 counterpart")
+        return _shared_block_key(zoo_key, holder, "shared_transformer", _ZAMBA2_BLOCK, "zamba2")
     pos, rest = _split_layer_key(zoo_key)
     if pos in sites:
         hf_layer, k, hold = sites[pos]
@@ -482,11 +489,7 @@ def _zamba_key(zoo_key: str, layout: list[dict]) -> str:
                 "lm_head.weight": "lm_head.weight"}[zoo_key]
     main, sites, holder = _zamba2_sites(layout)
     if zoo_key.startswith("shared."):
-        _, block, rest = zoo_key.split(".", 2)
-        for ours, theirs in _ZAMBA_BLOCK.items():
-            if rest.startswith(ours):
-                return f"model.layers.{holder[block]}.shared_transf.{theirs}{rest[len(ours):]}"
-        raise HFConversionError(f"import: {zoo_key} has no zamba counterpart")
+        return _shared_block_key(zoo_key, holder, "shared_transf", _ZAMBA_BLOCK, "zamba")
     pos, rest = _split_layer_key(zoo_key)
     if pos in sites:
         if rest != "linear.weight":
