@@ -66,3 +66,20 @@ def run_documents_separately(layer, x: torch.Tensor, seq_idx: torch.Tensor) -> t
             y = layer(x[b:b + 1, pos])
             out[b, pos] = (y[0] if isinstance(y, tuple) else y)[0]
     return out
+
+
+def scramble_mamba(layer, seed: int = 0):
+    """Re-randomise a Mamba-1 layer's weights at larger scales than its init (whose dt ~ 0.001-0.1
+    makes the output nearly context-free), so that state or head-mixing bugs change the output
+    visibly: A = -exp(A_log) around -1, dt ~ softplus(-1) ~ 0.3, everything else N(0, 0.4^2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            if name == "A_log":
+                p.copy_(noise * 0.5)
+            elif name in ("dt_proj.bias", "dt_proj_bias"):      # single-head / multi-head (Zamba) names
+                p.copy_(noise * 0.5 - 1.0)
+            else:
+                p.copy_(noise * 0.4)
+    return layer

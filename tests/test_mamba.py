@@ -6,32 +6,17 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close, randn, random_seq_idx, run_documents_separately, run_in_pieces
+from helpers import (assert_close, randn, random_seq_idx, run_documents_separately, run_in_pieces,
+                     scramble_mamba)
 from layers.mamba import Mamba, MambaState
 
 D_MODEL = 16
 
 
-def scrambled(layer: Mamba, seed: int = 0) -> Mamba:
-    """Re-randomise every weight at larger scales than the init (whose dt ~ 0.001-0.1 makes the
-    output nearly context-free), so that state bugs change the output visibly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-            if name == "A_log":
-                p.copy_(noise * 0.5)                # A = -exp(A_log) around -1: decays that matter
-            elif name == "dt_proj.bias":
-                p.copy_(noise * 0.5 - 1.0)          # dt ~ softplus(-1) ~ 0.3
-            else:
-                p.copy_(noise * 0.4)
-    return layer
-
-
 def make(seed=0, dtype=torch.float32, **kw) -> Mamba:
     torch.manual_seed(seed)
     kw = dict(dict(d_state=4, d_conv=4, expand=2), **kw)
-    return scrambled(Mamba(D_MODEL, dtype=dtype, **kw), seed)
+    return scramble_mamba(Mamba(D_MODEL, dtype=dtype, **kw), seed)
 
 
 def test_parameter_names_and_shapes_follow_mamba_ssm():

@@ -5,32 +5,17 @@ the no-weight-decay flags."""
 import pytest
 import torch
 
-from helpers import assert_close, randn, random_seq_idx, run_documents_separately, run_in_pieces
+from helpers import (assert_close, randn, random_seq_idx, run_documents_separately, run_in_pieces,
+                     scramble_mamba)
 from layers.mamba import Mamba
 
 D_MODEL = 16
 
 
-def scrambled_heads(layer: Mamba, seed: int = 0) -> Mamba:
-    """Weights at larger scales than the init (whose small dt makes the output nearly context-free),
-    so that a state or head-mixing bug changes the output visibly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-            if name == "A_log":
-                p.copy_(noise * 0.5)
-            elif name == "dt_proj_bias":
-                p.copy_(noise * 0.5 - 1.0)          # dt ~ softplus(-1) ~ 0.3
-            else:
-                p.copy_(noise * 0.4)
-    return layer
-
-
 def make(seed=0, dtype=torch.float32, **kw) -> Mamba:
     torch.manual_seed(seed)
     kw = dict(dict(d_state=4, d_conv=4, expand=2, dt_rank=3, n_heads=2), **kw)
-    return scrambled_heads(Mamba(D_MODEL, dtype=dtype, **kw), seed)
+    return scramble_mamba(Mamba(D_MODEL, dtype=dtype, **kw), seed)
 
 
 def test_parameter_names_and_shapes_follow_transformers_zamba_mixer():

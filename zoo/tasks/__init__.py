@@ -238,6 +238,35 @@ def synthetic_eval(generate, seed: int, num_eval: int, seq_len: int, batch_size:
         yield pending
 
 
+class SyntheticTask(Task):
+    """A task whose examples a generator draws on the fly (mqar, selective_copying, induction_heads).
+
+    Subclasses set seed, num_eval, seq_len, eval_seq_len and define
+    `_generate(g, n, seq_len) -> {"inputs": [n, seq_len], "targets": [n, seq_len]}`; train batches
+    come from rng(seed, STREAM_TRAIN, step, batch_size), the validation set from synthetic_eval.
+    """
+
+    seed: int = 0
+    num_eval: int = 1000
+
+    def _generate(self, g: np.random.Generator, n: int, seq_len: int) -> dict:
+        raise NotImplementedError
+
+    def train_batch(self, step: int, batch_size: int) -> dict:
+        step = check_int("step", self.name, step, 0)
+        batch_size = check_int("batch_size", self.name, batch_size)
+        return self._generate(rng(self.seed, STREAM_TRAIN, step, batch_size), batch_size, self.seq_len)
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict]:
+        def generate(g, n):
+            return self._generate(g, n, self.eval_seq_len)
+        return synthetic_eval(generate, self.seed, self.num_eval, self.eval_seq_len, batch_size)
+
+    def metric(self, logits: torch.Tensor, batch: dict) -> tuple[float, float]:
+        """Fraction of scored positions predicted exactly (argmax); logits [b, l, vocab]."""
+        return token_accuracy(logits, batch["targets"])
+
+
 LN2 = math.log(2.0)
 
 __all__ = ["Task", "build_task", "task_arguments", "TASK_NAMES", "IGNORE_INDEX"]

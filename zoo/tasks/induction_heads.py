@@ -13,13 +13,10 @@ for such extrapolation (the validation set is drawn at that length; train batche
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import torch
 
-from zoo.tasks import (IGNORE_INDEX, STREAM_TRAIN, Task, check_int, resolved_config, rng,
-                       synthetic_eval, token_accuracy)
+from zoo.tasks import IGNORE_INDEX, SyntheticTask, check_int, resolved_config
 
 
 def generate_induction_heads(g: np.random.Generator, num_examples: int, vocab_size: int,
@@ -36,7 +33,7 @@ def generate_induction_heads(g: np.random.Generator, num_examples: int, vocab_si
     return {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
 
 
-class InductionHeads(Task):
+class InductionHeads(SyntheticTask):
     """Induction heads.
 
     Args:
@@ -68,17 +65,6 @@ class InductionHeads(Task):
         self.num_eval, self.seed = num_eval, seed
         self.special_token = vocab_size - 1
 
-    def train_batch(self, step: int, batch_size: int) -> dict:
-        step = check_int("step", self.name, step, 0)
-        batch_size = check_int("batch_size", self.name, batch_size)
-        return generate_induction_heads(rng(self.seed, STREAM_TRAIN, step, batch_size), batch_size,
-                                        self.vocab_size, self.seq_len)
+    def _generate(self, g: np.random.Generator, n: int, seq_len: int) -> dict:
+        return generate_induction_heads(g, n, self.vocab_size, seq_len)
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict]:
-        def generate(g, n):
-            return generate_induction_heads(g, n, self.vocab_size, self.eval_seq_len)
-        return synthetic_eval(generate, self.seed, self.num_eval, self.eval_seq_len, batch_size)
-
-    def metric(self, logits: torch.Tensor, batch: dict) -> tuple[float, float]:
-        """Fraction of sequences whose answer is predicted exactly (argmax) at the final S."""
-        return token_accuracy(logits, batch["targets"])

@@ -18,13 +18,10 @@ ignore: only query positions are scored), else 0 (a token no key or value uses).
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import torch
 
-from zoo.tasks import (IGNORE_INDEX, STREAM_TRAIN, Task, check_int, resolved_config, rng,
-                       sequence_accuracy, synthetic_eval, token_accuracy)
+from zoo.tasks import IGNORE_INDEX, SyntheticTask, check_int, resolved_config, sequence_accuracy
 
 
 def distinct_choices(g: np.random.Generator, rows: int, population: int, k: int) -> np.ndarray:
@@ -75,7 +72,7 @@ def generate_mqar(g: np.random.Generator, num_examples: int, vocab_size: int, se
     return {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
 
 
-class MQAR(Task):
+class MQAR(SyntheticTask):
     """Multi-query associative recall.
 
     Args:
@@ -122,21 +119,9 @@ class MQAR(Task):
         self.num_kv_pairs, self.power_a = num_kv_pairs, power_a
         self.random_non_queries, self.num_eval, self.seed = random_non_queries, num_eval, seed
 
-    def _generate(self, g: np.random.Generator, n: int) -> dict:
-        return generate_mqar(g, n, self.vocab_size, self.seq_len, self.num_kv_pairs, self.power_a,
+    def _generate(self, g: np.random.Generator, n: int, seq_len: int) -> dict:
+        return generate_mqar(g, n, self.vocab_size, seq_len, self.num_kv_pairs, self.power_a,
                              self.random_non_queries)
-
-    def train_batch(self, step: int, batch_size: int) -> dict:
-        step = check_int("step", self.name, step, 0)
-        batch_size = check_int("batch_size", self.name, batch_size)
-        return self._generate(rng(self.seed, STREAM_TRAIN, step, batch_size), batch_size)
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict]:
-        return synthetic_eval(self._generate, self.seed, self.num_eval, self.seq_len, batch_size)
-
-    def metric(self, logits: torch.Tensor, batch: dict) -> tuple[float, float]:
-        """Fraction of queried values predicted exactly (argmax); logits [b, T, V]."""
-        return token_accuracy(logits, batch["targets"])
 
     def metrics(self, logits: torch.Tensor, batch: dict) -> dict[str, tuple[float, float]]:
         return {"accuracy": self.metric(logits, batch),

@@ -14,13 +14,10 @@ has to select the data tokens by content. The Mamba paper's setting: vocab_size 
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import torch
 
-from zoo.tasks import (IGNORE_INDEX, STREAM_TRAIN, Task, check_int, resolved_config, rng,
-                       sequence_accuracy, synthetic_eval, token_accuracy)
+from zoo.tasks import IGNORE_INDEX, SyntheticTask, check_int, resolved_config, sequence_accuracy
 from zoo.tasks.mqar import distinct_choices
 
 NOISE = 0
@@ -40,7 +37,7 @@ def generate_selective_copying(g: np.random.Generator, num_examples: int, vocab_
     return {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
 
 
-class SelectiveCopying(Task):
+class SelectiveCopying(SyntheticTask):
     """Selective copying.
 
     Args:
@@ -75,20 +72,8 @@ class SelectiveCopying(Task):
         self.num_tokens, self.num_eval, self.seed = num_tokens, num_eval, seed
         self.noise_token, self.marker_token = NOISE, vocab_size - 1
 
-    def _generate(self, g: np.random.Generator, n: int) -> dict:
-        return generate_selective_copying(g, n, self.vocab_size, self.seq_len, self.num_tokens)
-
-    def train_batch(self, step: int, batch_size: int) -> dict:
-        step = check_int("step", self.name, step, 0)
-        batch_size = check_int("batch_size", self.name, batch_size)
-        return self._generate(rng(self.seed, STREAM_TRAIN, step, batch_size), batch_size)
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict]:
-        return synthetic_eval(self._generate, self.seed, self.num_eval, self.seq_len, batch_size)
-
-    def metric(self, logits: torch.Tensor, batch: dict) -> tuple[float, float]:
-        """Fraction of copied tokens predicted exactly (argmax); logits [b, seq_len, vocab_size]."""
-        return token_accuracy(logits, batch["targets"])
+    def _generate(self, g: np.random.Generator, n: int, seq_len: int) -> dict:
+        return generate_selective_copying(g, n, self.vocab_size, seq_len, self.num_tokens)
 
     def metrics(self, logits: torch.Tensor, batch: dict) -> dict[str, tuple[float, float]]:
         return {"accuracy": self.metric(logits, batch),
