@@ -95,7 +95,12 @@ def copy_bandwidth():
     return 2 * x.numel() * 4 / ms / 1e6
 
 
+BACKWARD_VARIANTS = (0, 1)   # csrc/backward.cu lists them
+
+
 def check(shape, grads):
+    """Relative errors against the reference on the same bf16 inputs: out and last state, and with
+    grads every gradient for each backward variant (keys d<name>, and d<name>_v<variant>)."""
     fused.POISON_OUTPUTS = True
     x = make(*shape, seed=1, requires_grad=grads)
     out, last = fused.selective_scan_fused(**x, delta_softplus=True, return_last_state=True)
@@ -105,10 +110,20 @@ def check(shape, grads):
     errs = {"out": rel_err(out, out_r), "last_state": rel_err(last, last_r)}
     if grads:
         dout = torch.randn_like(out_r)
-        out.backward(dout.to(out.dtype))
         out_r.backward(dout.to(out.dtype).float())
-        for k in x:
-            errs["d" + k] = rel_err(x[k].grad, ref_in[k].grad)
+        default = fused.BACKWARD_VARIANT
+        for variant in BACKWARD_VARIANTS:
+            fused.BACKWARD_VARIANT = variant
+            for v in x.values():
+                v.grad = None
+            out = fused.selective_scan_fused(**x, delta_softplus=True)
+            out.backward(dout.to(out.dtype))
+            for k in x:
+                e = rel_err(x[k].grad, ref_in[k].grad)
+                errs[f"d{k}_v{variant}"] = e
+                if variant == default:
+                    errs["d" + k] = e
+        fused.BACKWARD_VARIANT = default
     fused.POISON_OUTPUTS = False
     return errs
 
@@ -151,19 +166,22 @@ def main():
             torch.autograd.grad(out, list(xg.values()), dout)
 
         for variant in (0, 1, 2, 3, 4):
-            for warps in (4, 8):
+            for warps in ((4, 8) if variant < 2 else (4,)):    # variants 2-4 fix 4 warps per block
                 fused.FORWARD_VARIANT, fused.FORWARD_WARPS = variant, warps
                 r[f"fwd_v{variant}_w{warps}"] = time_ms(fwd, args.quick)
         best = min((k for k in r if k.startswith("fwd_v")), key=lambda k: r[k])
         fused.FORWARD_VARIANT, fused.FORWARD_WARPS = int(best[5]), int(best.split("_w")[1])
         r["fwd_best"] = best
-        for variant in (0, 1, 2, 3):
+        default_b = fused.BACKWARD_VARIANT
+        for variant in BACKWARD_VARIANTS:
             fused.BACKWARD_VARIANT = variant
             r[f"fwdbwd_v{variant}"] = time_ms(fwd_bwd, args.quick)
         best_b = min((k for k in r if k.startswith("fwdbwd_v")), key=lambda k: r[k])
         fused.BACKWARD_VARIANT = int(best_b[8])
         r["fwdbwd_best"] = best_b
         r["fwdbwd_det"] = time_ms(lambda: fwd_bwd(True), args.quick)
+        fused.BACKWARD_VARIANT = default_b
+        r["fwdbwd_default"] = r[f"fwdbwd_v{default_b}"]
         r["fwd"] = r[best]
         r["fwdbwd"] = r[best_b]
         r["ref_fwd"] = time_once(lambda: selective_scan_ref(**x, delta_softplus=True), reps=1 if i else 3)
@@ -193,6 +211,11 @@ def main():
           "| deterministic fwd+bwd | fwd+bwd GB/s | mamba_ssm fwd+bwd (H100) | speed-up | mamba_ssm here |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print("\nforward+backward ms per backward variant (csrc/backward.cu), with the shape's best forward variant")
+    print("| shape | " + " | ".join(f"v{v}" for v in BACKWARD_VARIANTS) + " |")
+    for r in results:
+        b, d, l, n = r["shape"]
+        print(f"| B{b} D{d} L{l} N{n} | " + " | ".join(f"{r[f'fwdbwd_v{v}']:.3f}" for v in BACKWARD_VARIANTS) + " |")
 
 
 if __name__ == "__main__":

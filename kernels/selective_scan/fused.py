@@ -6,8 +6,8 @@
 computes exactly what `reference.selective_scan_ref` specifies (mamba_ssm's signature and layout:
 u, delta, z [batch, dim, seqlen]; A [dim, dstate]; B, C [batch, groups, dstate, seqlen] or
 [batch, dstate, seqlen]; D, delta_bias [dim]; initial_state [batch, dim, dstate]; seq_idx int32
-[batch, seqlen]) with one CUDA kernel per direction (csrc/selective_scan.cu says how). Gradients flow
-to every floating input, including initial_state, and through the returned last state.
+[batch, seqlen]) with one CUDA kernel per direction (csrc/forward.cu and csrc/backward.cu say how).
+Gradients flow to every floating input, including initial_state, and through the returned last state.
 
 Build: the first call compiles csrc/ with torch.utils.cpp_extension.load (ninja) for the GPUs present
 (or TORCH_CUDA_ARCH_LIST) into TORCH_EXTENSIONS_DIR, or ~/.cache/hybrid-zoo/torch_extensions;
@@ -44,7 +44,7 @@ POISON_OUTPUTS = os.environ.get("HYBRID_ZOO_POISON_OUTPUTS", "0") not in ("", "0
 # launch shape (benchmarks/selective_scan.py times the alternatives; NOTES.md records the choice)
 FORWARD_WARPS = 4          # channels per forward block, 1..8
 FORWARD_VARIANT = 2        # tokens per lane / register cap, 0..4 (csrc/forward.cu lists them)
-BACKWARD_VARIANT = 1       # tokens per lane / blocks per multiprocessor, 0..3 (csrc/backward.cu)
+BACKWARD_VARIANT = 0       # tokens per lane / blocks per multiprocessor, 0..1 (csrc/backward.cu)
 
 _lock = threading.Lock()
 _ext = None

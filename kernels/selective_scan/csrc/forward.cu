@@ -21,7 +21,7 @@ constexpr int kMaxWarps = 8;
 
 // One warp's 32*K tokens for every state index n: adds sum_n C_n h_n to y and advances carry.
 // kVec: B and C rows are whole and 16-byte aligned (decided once per chunk, not per n).
-template <typename bc_t, int K, bool kVec>
+template <typename bc_t, int K, bool kVec, bool kSeqIdx>
 __device__ __forceinline__ void scan_states(const LaneRows<bc_t, K>& Brows, const LaneRows<bc_t, K>& Crows,
                                             const LaneTokens<K>& lt, const float (&dtu)[K], const float* A2,
                                             float* carry, float* saved, int N, int valid, int lane, float (&y)[K]) {
@@ -44,7 +44,7 @@ __device__ __forceinline__ void scan_states(const LaneRows<bc_t, K>& Brows, cons
     float a = 1.f, h = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float dA = fast_exp2(fmaf(lt.dt[k], an, lt.reset[k]));
+      const float dA = fast_exp2(kSeqIdx ? fmaf(lt.dt[k], an, lt.reset[k]) : lt.dt[k] * an);
       h = fmaf(dA, h, dtu[k] * Bv[k]);
       a *= dA;
       hl[k] = h;
@@ -76,7 +76,7 @@ __device__ __forceinline__ void scan_states(const LaneRows<bc_t, K>& Brows, cons
 }
 
 // kMinBlocks > 1 (with 4-warp blocks) caps registers so that more warps share a multiprocessor
-template <typename in_t, typename bc_t, int K, int kMinBlocks>
+template <typename in_t, typename bc_t, int K, int kMinBlocks, bool kSeqIdx>
 __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : kMaxWarps * 32, kMinBlocks)
 scan_forward_kernel(const ScanParams p) {
   extern __shared__ float smem[];
@@ -106,7 +106,7 @@ scan_forward_kernel(const ScanParams p) {
     const bool saves = p.chunk_states != nullptr && t0 % kChunk == 0 && valid > 0;
     float* saved = saves ? p.chunk_states + (bd * p.nchunks + t0 / kChunk) * N : nullptr;
     LaneTokens<K> lt;
-    load_lane_tokens<in_t, K>(p, b, d, t0, valid, lt);
+    load_lane_tokens<in_t, K, kSeqIdx>(p, b, d, t0, valid, lt);
     const LaneRows<bc_t, K> Brows(p.B, p.B_sb, p.B_sg, p.B_sn, b, g, t0, valid);
     const LaneRows<bc_t, K> Crows(p.C, p.C_sb, p.C_sg, p.C_sn, b, g, t0, valid);
     float dtu[K], y[K];
@@ -114,9 +114,9 @@ scan_forward_kernel(const ScanParams p) {
     for (int k = 0; k < K; ++k) { dtu[k] = lt.dt[k] * lt.u[k]; y[k] = 0.f; }
 
     if (Brows.vec && Crows.vec)
-      scan_states<bc_t, K, true>(Brows, Crows, lt, dtu, A2, carry, saves ? saved : nullptr, N, valid, lane, y);
+      scan_states<bc_t, K, true, kSeqIdx>(Brows, Crows, lt, dtu, A2, carry, saves ? saved : nullptr, N, valid, lane, y);
     else
-      scan_states<bc_t, K, false>(Brows, Crows, lt, dtu, A2, carry, saves ? saved : nullptr, N, valid, lane, y);
+      scan_states<bc_t, K, false, kSeqIdx>(Brows, Crows, lt, dtu, A2, carry, saves ? saved : nullptr, N, valid, lane, y);
 
     float gate[K];
     if (p.z != nullptr) {
@@ -142,7 +142,10 @@ struct ForwardLaunch {
     const int warps = kMinBlocks > 1 ? 4 : p.forward_warps;
     const int blocks = p.batch * ((p.dim + warps - 1) / warps);
     const size_t smem = sizeof(float) * 2 * warps * p.dstate;
-    scan_forward_kernel<in_t, bc_t, K, kMinBlocks><<<blocks, warps * 32, smem, stream>>>(p);
+    if (p.seq_idx != nullptr)
+      scan_forward_kernel<in_t, bc_t, K, kMinBlocks, true><<<blocks, warps * 32, smem, stream>>>(p);
+    else
+      scan_forward_kernel<in_t, bc_t, K, kMinBlocks, false><<<blocks, warps * 32, smem, stream>>>(p);
   }
   static void run(const ScanParams& p, cudaStream_t stream) {
     // variants (benchmarks/selective_scan.py times them), tokens per lane and register cap:

@@ -23,7 +23,7 @@ struct ScanParams {
   bool delta_softplus;
   int in_kind, bc_kind;          // ScalarKind of u/delta/z/out and of B/C
   int forward_warps;             // channels per forward block: 1..8 (tuning)
-  int backward_variant;          // 0..3: tokens per lane (8, 8, 4, 4) x blocks per multiprocessor (1, 2, 2, 3)
+  int backward_variant;          // 0..1: tokens per lane and blocks per multiprocessor (see backward.cu)
   int forward_variant;           // 0..4: tokens per lane and register cap, see forward.cu
   // forward outputs
   void* out;

@@ -68,7 +68,7 @@ __device__ __forceinline__ void load_tokens(const T* p, int valid, float (&v)[K]
 }
 
 // B or C rows of one (batch, group) for the lane's tokens: the pointer and the vector-or-scalar
-// decision are made once per chunk, each state index n then costs one address add and the loads.
+// decision are made once per chunk; the state loops then step the pointer by stride_n per index.
 template <typename T, int K>
 struct LaneRows {
   const T* base;
@@ -79,15 +79,6 @@ struct LaneRows {
       : base(static_cast<const T*>(ptr) + b * sb + g * sg + t0), stride_n(sn),
         vec(valid >= K && vec_aligned<T, K>(static_cast<const T*>(ptr) + b * sb + g * sg + t0) &&
             (sn * static_cast<int64_t>(sizeof(T))) % sizeof(typename TokenVec<T, K>::type) == 0) {}
-  __device__ __forceinline__ void load(int n, int valid, float (&v)[K]) const {
-    const T* p = base + n * stride_n;
-    if (vec) {
-      load_tokens_vec<T, K>(p, v);
-    } else {
-#pragma unroll
-      for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(p[k]) : 0.f;
-    }
-  }
 };
 
 template <typename T, int K>
@@ -107,15 +98,36 @@ __device__ __forceinline__ void store_tokens(T* p, int valid, const float (&v)[K
   }
 }
 
-// Per-lane token data shared by forward and backward: dt after bias/softplus, u, and which tokens
-// start a new document (their decay is 0: nothing from before reaches them).
+// dt from delta + bias (softplus or identity) and d dt / d(delta + bias)
+__device__ __forceinline__ float delta_to_dt(float x, bool softplus) {
+  return softplus && x <= 20.f ? log1pf(expf(x)) : x;
+}
+__device__ __forceinline__ float dt_derivative(float x, bool softplus) {
+  return softplus && x <= 20.f ? sigmoidf(x) : 1.f;
+}
+
+// -inf at the lane's tokens that start a new document (exp2(dt A + reset) = 0 there), else 0
+template <int K>
+__device__ __forceinline__ void load_resets(const ScanParams& p, int b, int t0, int valid, float (&reset)[K]) {
+  const int32_t* sid = p.seq_idx + static_cast<int64_t>(b) * p.seqlen;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int t = t0 + k;
+    reset[k] = k < valid && t > 0 && sid[t] != sid[t - 1] ? __int_as_float(0xff800000) : 0.f;
+  }
+}
+
+// Per-lane token data of the forward: dt after bias/softplus, u, and which tokens start a new
+// document (their decay is 0: nothing from before reaches them).
 template <int K>
 struct LaneTokens {
-  float u[K], dt[K], dt_grad[K];   // dt_grad: d dt / d delta (sigmoid for softplus, else 1)
+  float u[K], dt[K];
   float reset[K];                  // -inf at a document's first token (exp2(dt A + reset) = 0), else 0
 };
 
-template <typename in_t, int K>
+// kSeqIdx: the launch has seq_idx (the reset array is loaded; without it, reset stays a constant 0
+// that the compiler folds away, which saves registers in the scan loops)
+template <typename in_t, int K, bool kSeqIdx>
 __device__ __forceinline__ void load_lane_tokens(const ScanParams& p, int b, int d, int t0, int valid,
                                                  LaneTokens<K>& lt) {
   const in_t* u = static_cast<const in_t*>(p.u) + b * p.u_sb + d * p.u_sd + t0;
@@ -127,49 +139,13 @@ __device__ __forceinline__ void load_lane_tokens(const ScanParams& p, int b, int
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const float x = raw[k] + bias;
-    float dt = x, grad = 1.f;
-    if (p.delta_softplus) {
-      dt = x <= 20.f ? log1pf(expf(x)) : x;
-      grad = x <= 20.f ? sigmoidf(x) : 1.f;
-    }
-    lt.dt[k] = k < valid ? dt : 0.f;     // padding: decay 1, no input, the state passes through
-    lt.dt_grad[k] = grad;
+    lt.dt[k] = k < valid ? delta_to_dt(x, p.delta_softplus) : 0.f;   // padding: decay 1, no input
   }
+  if constexpr (kSeqIdx) {
+    load_resets<K>(p, b, t0, valid, lt.reset);
+  } else {
 #pragma unroll
-  for (int k = 0; k < K; ++k) lt.reset[k] = 0.f;
-  if (p.seq_idx != nullptr) {
-    const int32_t* sid = p.seq_idx + static_cast<int64_t>(b) * p.seqlen;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int t = t0 + k;
-      if (k < valid && t > 0 && sid[t] != sid[t - 1]) lt.reset[k] = __int_as_float(0xff800000);  // -inf
-    }
-  }
-}
-
-// Inclusive prefix composition of the lanes' affine maps h -> a h + c (earlier lanes first).
-__device__ __forceinline__ void warp_prefix_compose(float& a, float& c, int lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const float ap = __shfl_up_sync(0xffffffffu, a, off);
-    const float cp = __shfl_up_sync(0xffffffffu, c, off);
-    if (lane >= off) {
-      c = a * cp + c;
-      a = a * ap;
-    }
-  }
-}
-
-// Inclusive suffix composition (later lanes first), for the adjoint running backwards in time.
-__device__ __forceinline__ void warp_suffix_compose(float& a, float& c, int lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const float an = __shfl_down_sync(0xffffffffu, a, off);
-    const float cn = __shfl_down_sync(0xffffffffu, c, off);
-    if (lane + off < 32) {
-      c = a * cn + c;
-      a = a * an;
-    }
+    for (int k = 0; k < K; ++k) lt.reset[k] = 0.f;
   }
 }
 
