@@ -64,7 +64,11 @@ def measured(tmp_path_factory):
     if torch.cuda.is_available():
         return measure_all()
     path = tmp_path_factory.mktemp("gated_norm_triton") / "measured.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # the repository root on the child's path too: the parent may import it through pytest's rootdir
+    # alone (no installed package)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -14,7 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+# launches with less Python per call (the norm runs once per Mamba2 layer call)
+from ..ssd.triton.launch import fast_launch
 
+
+@fast_launch
 @triton.jit
 def _gated_norm_fwd_kernel(
     x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr,
@@ -44,6 +48,7 @@ def _gated_norm_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * s_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _gated_norm_bwd_kernel(
     x_ptr, z_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dz_ptr, dw_part_ptr,

@@ -73,12 +73,14 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, i
     """Returns out [b, l, h, p], final_states float32 [b, h, p, n], and what the backward reuses:
     dt_out, dA_cs [b, h, nchunks, chunk_size], states_in [b, nchunks, h, p, n], y (the
     output before the gate; empty without z)."""
-    dt_out, dA_cs = chunk_cumsum.chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)
-    states = chunk_state.chunk_state(x, B, dt_out, dA_cs, seq_idx, chunk_size, to_end=True)
+    # four launches: stages 1+2 together, 3, 4 (C B^T), 5; chunk_scan.CONFIG["fuse_cb"] folds 4 into 5
+    # (one launch fewer, but slower on the GPU at the timed shapes: NOTES.md v3)
+    states, dt_out, dA_cs = chunk_state.chunk_state_fwd(x, B, dt, A, dt_bias, dt_softplus, dt_limit, seq_idx,
+                                                        chunk_size)
     states_in, final = state_passing.state_passing_fwd(states, dA_cs, initial_states, seq_idx, chunk_size, x.shape[1],
-                                         _states_dtype(x, for_backward))
-    CB = bmm.bmm_chunk(C, B, chunk_size)
-    out, y = chunk_scan.chunk_scan_fwd(x, z, C, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size)
+                                                       _states_dtype(x, for_backward))
+    CB = None if chunk_scan.CONFIG["fuse_cb"] else bmm.bmm_chunk(C, B, chunk_size)
+    out, y = chunk_scan.chunk_scan_fwd(x, z, C, B, CB, dt_out, dA_cs, states_in, D, seq_idx, chunk_size)
     return out, final, dt_out, dA_cs, states_in, (y if y is not None else _empty(x))
 
 
@@ -97,9 +99,8 @@ def _backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softpl
                                                  seqlen)
     dx, dB, dC, ddt_part, dda, dD = chunk_scan_bwd.chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D,
                                                    seq_idx, chunk_size, deterministic)
-    dda[..., -1] += dda_last
     ddt, dA, ddt_bias = chunk_cumsum.chunk_cumsum_bwd(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size, dt_out, dda,
-                                         ddt_part)
+                                                      ddt_part, dda_last)
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, (dinit if initial_states is not None else None)
 
 

@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton.launch import fast_launch
 
+
+@fast_launch
 @triton.jit
 def _ssd_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,

@@ -9,7 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import dot_precision, fast_launch
 
+
+@fast_launch
 @triton.jit
 def _bmm_chunk_kernel(
     C_ptr, B_ptr, out_ptr,
@@ -17,6 +20,7 @@ def _bmm_chunk_kernel(
     s_b, s_l, s_g, s_n,
     s_o_b, s_o_c, s_o_g, s_o_t, s_o_s,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_bcg = tl.program_id(0)
     pid_g = pid_bcg % ngroups
@@ -37,7 +41,7 @@ def _bmm_chunk_kernel(
                     mask=(offs_t[:, None] < chunk_len) & (offs_n[None, :] < dstate), other=0.0)
         bt = tl.load(B_ptr + base + offs_n[:, None] * s_n + offs_s[None, :] * s_l,
                      mask=(offs_n[:, None] < dstate) & (offs_s[None, :] < chunk_len), other=0.0)
-        acc += tl.dot(c, bt)
+        acc += tl.dot(c, bt, input_precision=DOT_PRECISION)
     out_ptr += pid_b * s_o_b + pid_c * s_o_c + pid_g * s_o_g
     tl.store(out_ptr + offs_t[:, None] * s_o_t + offs_s[None, :] * s_o_s, acc,
              mask=(offs_t[:, None] < chunk_size) & (offs_s[None, :] < chunk_size))
@@ -54,6 +58,7 @@ def bmm_chunk(C, B, chunk_size):
     _bmm_chunk_kernel[grid](
         C, B, out, seqlen, ngroups, dstate, chunk_size, nchunks,
         *B.stride(), *out.stride(),
-        BLOCK_T=block, BLOCK_S=block, BLOCK_N=block_n, num_warps=4, num_stages=2,
+        BLOCK_T=block, BLOCK_S=block, BLOCK_N=block_n, DOT_PRECISION=dot_precision(B.dtype),
+        num_warps=4, num_stages=2,
     )
     return out

@@ -21,11 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import dot_precision, fast_launch
+
 # launch parameters of the two in-chunk backward kernels (benchmarks/ssd.py sweeps them);
 # num_warps None: 8 for [headdim, d_state] tiles of 128 x 128 and more, else 4
 CONFIG = dict(block=64, num_warps=None, num_stages=1, min_programs=1024)
 
 
+@fast_launch
 @triton.jit
 def _gate_bwd_kernel(dout_ptr, z_ptr, y_ptr, dy_ptr, dz_ptr, numel, BLOCK: tl.constexpr):
     """out = y * silu(z): dy = dout * silu(z), dz = dout * y * silu'(z)."""
@@ -47,6 +50,7 @@ def gate_bwd(dout, z, y):
     return dy, dz
 
 
+@fast_launch
 @triton.jit
 def _bwd_dx_kernel(
     x_ptr, dy_ptr, B_ptr, C_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
@@ -63,6 +67,7 @@ def _bwd_dx_kernel(
     s_dD_b, s_dD_k, s_dD_h,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, ATOMIC: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program: a block of positions s of one chunk, for heads_per_prog heads of one group
     (accumulating the group's dB over them). dtype of the dots: the inputs'."""
@@ -115,14 +120,15 @@ def _bwd_dx_kernel(
         if HAS_SEQ_IDX:
             to_end = tl.where(doc_s == doc_last, to_end, 0.0)
         to_end = tl.where(s_in, to_end, 0.0)
-        acc_state = tl.dot(b_s, dS_t)
+        acc_state = tl.dot(b_s, dS_t, input_precision=DOT_PRECISION)
         if SPLIT:
             # dS's bf16 rounding remainder as a second dot: the decay gradient below subtracts this
             # term from <dS, S> of similar size, so it needs ~fp32 accuracy
-            acc_state += tl.dot(b_s, (dS_t32 - dS_t.to(tl.float32)).to(x_s.dtype))
+            acc_state += tl.dot(b_s, (dS_t32 - dS_t.to(tl.float32)).to(x_s.dtype),
+                                input_precision=DOT_PRECISION)
         acc_state = acc_state * to_end[:, None]                                           # [s, p]
         state_term = tl.sum(acc_state * x_s.to(tl.float32), axis=1)
-        dB_acc += tl.dot(x_s, dS) * (to_end * dt_s)[:, None]
+        dB_acc += tl.dot(x_s, dS, input_precision=DOT_PRECISION) * (to_end * dt_s)[:, None]
 
         # in-chunk part: acc feeds dx only; ddt's in-chunk part is summed from exact fp32 products
         acc = tl.zeros((BLOCK_S, BLOCK_P), dtype=tl.float32)
@@ -141,14 +147,15 @@ def _bwd_dx_kernel(
             m_t = tl.where(keep, cb_t * decay, 0.0)
             dy_t = tl.load(dy_ptr + head_x + offs_t[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                            mask=t_in[:, None] & p_in[None, :], other=0.0)                # [t, p]
-            acc += tl.dot(m_t.to(dy_t.dtype), dy_t)
+            acc += tl.dot(m_t.to(dy_t.dtype), dy_t, input_precision=DOT_PRECISION)
             dyT = tl.load(dy_ptr + head_x + offs_p[:, None] * s_x_p + offs_t[None, :] * s_x_l,
                           mask=p_in[:, None] & t_in[None, :], other=0.0)                 # [p, t]
-            u_t = tl.where(keep, tl.dot(x_s, dyT) * decay, 0.0)                            # W[t, s] / dt[s] as [s, t]
+            # W[t, s] / dt[s] as [s, t]
+            u_t = tl.where(keep, tl.dot(x_s, dyT, input_precision=DOT_PRECISION) * decay, 0.0)
             ddt_intra += tl.sum(u_t * cb_t, axis=1)
             c_t = tl.load(C_ptr + offs_t[:, None] * s_B_l + offs_n[None, :] * s_B_n,
                           mask=t_in[:, None] & n_in[None, :], other=0.0)
-            dB_acc += tl.dot((u_t * dt_s[:, None]).to(c_t.dtype), c_t)
+            dB_acc += tl.dot((u_t * dt_s[:, None]).to(c_t.dtype), c_t, input_precision=DOT_PRECISION)
         colsum = ddt_intra * dt_s
 
         dy_s = tl.load(dy_ptr + head_x + xy_offs, mask=xy_mask, other=0.0).to(tl.float32)
@@ -175,6 +182,7 @@ def _bwd_dx_kernel(
         tl.store(dB_out + pid_split * s_dB_split, dB_acc, mask=s_in[:, None] & n_in[None, :])
 
 
+@fast_launch
 @triton.jit
 def _bwd_dc_kernel(
     x_ptr, dy_ptr, B_ptr, C_ptr, CB_ptr, dt_ptr, dA_cs_ptr, states_in_ptr, seq_idx_ptr,
@@ -189,6 +197,7 @@ def _bwd_dc_kernel(
     s_dC_split, s_dC_b, s_dC_l, s_dC_g, s_dC_n,
     HAS_SEQ_IDX: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program: a block of positions t of one chunk, for heads_per_prog heads of one group:
     dC (summed over those heads) and the row-sum / entering-state parts of d dA_cs (added to what
@@ -237,9 +246,9 @@ def _bwd_dc_kernel(
         if HAS_SEQ_IDX:
             from_start = tl.where(doc_t == doc_prev, from_start, 0.0)
         from_start = tl.where(t_in, from_start, 0.0)
-        acc = tl.dot(dy_t, S)
+        acc = tl.dot(dy_t, S, input_precision=DOT_PRECISION)
         if SPLIT:  # S's rounding remainder: the decay gradient needs this term to ~fp32 accuracy
-            acc += tl.dot(dy_t, (S32 - S.to(tl.float32)).to(dy_t.dtype))
+            acc += tl.dot(dy_t, (S32 - S.to(tl.float32)).to(dy_t.dtype), input_precision=DOT_PRECISION)
         acc = acc * from_start[:, None]                                                    # [t, n]
         dda = tl.sum(acc * c_t, axis=1)
 
@@ -256,10 +265,10 @@ def _bwd_dc_kernel(
             decay = tl.exp(tl.where(keep, dA_t[:, None] - dA_s[None, :], float("-inf")))
             xT = tl.load(x_ptr + head_x + offs_p[:, None] * s_x_p + offs_s[None, :] * s_x_l,
                          mask=p_in[:, None] & s_in[None, :], other=0.0)                      # [p, s]
-            w = tl.where(keep, tl.dot(dy_t, xT) * decay, 0.0) * dt_s[None, :]                # W[t, s]
+            w = tl.where(keep, tl.dot(dy_t, xT, input_precision=DOT_PRECISION) * decay, 0.0) * dt_s[None, :]  # W[t, s]
             b_s = tl.load(B_ptr + offs_s[:, None] * s_B_l + offs_n[None, :] * s_B_n,
                           mask=s_in[:, None] & n_in[None, :], other=0.0)
-            acc += tl.dot(w.to(b_s.dtype), b_s)
+            acc += tl.dot(w.to(b_s.dtype), b_s, input_precision=DOT_PRECISION)
             cb = tl.load(CB_ptr + offs_t[:, None] * s_cb_t + offs_s[None, :] * s_cb_s, mask=keep, other=0.0)
             rowsum += tl.sum(tl.where(keep, w * cb, 0.0), axis=1)
         dC_acc += acc
@@ -322,6 +331,7 @@ def chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D, seq_id
               dt_out.stride(0), dt_out.stride(1), dt_out.stride(2), *states_in.stride())
     warps = cfg["num_warps"] or (8 if block_p * block_n >= 128 * 128 else 4)
     dDp = dD if dD is not None else dx
+    precision = dot_precision(x.dtype)
     _bwd_dx_kernel[grid](
         x, dy, B, C, CB, dt_out, dA_cs, dstates, D if D is not None else x, sq,
         dx, dB, ddt_part, dda, dDp,
@@ -329,16 +339,18 @@ def chunk_scan_bwd(x, dy, B, C, CB, dt_out, dA_cs, states_in, dstates, D, seq_id
         *dB.stride(), dDp.stride(0), dDp.stride(1), dDp.stride(2),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
         HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic, SPLIT=x.dtype != torch.float32,
-        BLOCK_S=block, BLOCK_T=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"],
+        BLOCK_S=block, BLOCK_T=block, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PRECISION=precision,
+        num_warps=warps, num_stages=cfg["num_stages"],
     )
     _bwd_dc_kernel[grid](
         x, dy, B, C, CB, dt_out, dA_cs, states_in, sq, dC, dda,
         *common, sq.stride(0), sq.stride(1), *dC.stride(),
         HAS_SEQ_IDX=seq_idx is not None, ATOMIC=atomic, SPLIT=x.dtype != torch.float32,
-        BLOCK_T=block, BLOCK_S=block, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"],
+        BLOCK_T=block, BLOCK_S=block, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PRECISION=precision,
+        num_warps=warps, num_stages=cfg["num_stages"],
     )
-    if dD is not None:
-        dD = dD.sum((0, 1))
-        if D.dim() == 1:
-            dD = dD.sum(-1)
+    if dD is not None:  # one reduction launch each: small shapes feel every launch
+        dD = dD.sum((0, 1, 3) if D.dim() == 1 else (0, 1))
+    if parts == 1:
+        return dx, dB[0], dC[0], ddt_part, dda, dD
     return dx, dB.sum(0), dC.sum(0), ddt_part, dda, dD

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast_launch
+
 
 @triton.jit
 def _carry(dA_cs_ptr, seq_idx_ptr, c, chunk_size, seqlen, s_sq_l, HAS_SEQ_IDX: tl.constexpr):
@@ -25,6 +27,7 @@ def _carry(dA_cs_ptr, seq_idx_ptr, c, chunk_size, seqlen, s_sq_l, HAS_SEQ_IDX: t
     return carry
 
 
+@fast_launch
 @triton.jit
 def _state_passing_fwd_kernel(
     states_ptr, dA_cs_ptr, init_ptr, seq_idx_ptr, states_in_ptr, final_ptr,
@@ -77,6 +80,7 @@ def state_passing_fwd(states, dA_cs, initial_states, seq_idx, chunk_size, seqlen
     return states_in, final
 
 
+@fast_launch
 @triton.jit
 def _state_passing_bwd_kernel(
     dstate_out_ptr, dfinal_ptr, final_ptr, states_in_ptr, dA_cs_ptr, seq_idx_ptr,
