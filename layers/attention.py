@@ -40,6 +40,8 @@ class KVCache:
     window the cache keeps only the keys a future query can see, so the cached keys cover positions
     seqlen_offset - length ... seqlen_offset - 1.
     has_documents: a seq_idx was passed at least once, so document masking applies to the cache.
+    position: None, or (after `to_static`) the next token's absolute position as an int64 device
+    tensor [1]: the cache is then static, for CUDA graphs (see Attention.forward).
     """
 
     k: torch.Tensor
@@ -49,6 +51,20 @@ class KVCache:
     seqlen_offset: int = 0
     preallocated: bool = False
     has_documents: bool = False
+    position: torch.Tensor | None = None
+
+    def to_static(self) -> None:
+        """From now on keep the position on the device: each step writes its keys at `position` and
+        attends over the whole buffer with later slots masked, so no shape, slice or host value
+        changes from one token to the next and a decode step can be captured in a CUDA graph.
+        `length` and `seqlen_offset` stop advancing. Needs a preallocated cache (init_state's
+        max_seqlen) with room for every token still to come (no sliding), and no documents."""
+        if self.position is not None:
+            return
+        if not self.preallocated or self.has_documents or self.key_start != 0:
+            raise ValueError("KVCache.to_static needs a preallocated cache (init_state(max_seqlen=...)) that "
+                             "holds every key from position 0 and no seq_idx documents")
+        self.position = torch.tensor([self.seqlen_offset], dtype=torch.long, device=self.k.device)
 
     @property
     def key_start(self) -> int:
@@ -250,6 +266,10 @@ class Attention(nn.Module):
             raise ValueError(f"seq_idx must have shape [batch, seqlen] = {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
         if state is not None and not self.causal:
             raise ValueError("state= needs causal attention; this layer has causal=False")
+        if state is not None and state.position is not None:
+            if seq_idx is not None:
+                raise ValueError("a static KV cache (KVCache.to_static) takes no seq_idx")
+            return self._forward_static(x, state)
         offset = state.seqlen_offset if state is not None else 0
         if self.max_position_embeddings is not None and offset + seqlen > self.max_position_embeddings:
             raise ValueError(f"positions up to {offset + seqlen - 1} exceed max_position_embeddings="
@@ -286,6 +306,34 @@ class Attention(nn.Module):
         out = self._attend(q, k_all, v_all, q_pos, k_pos, q_doc, k_doc)  # [b, n_heads, l, head_dim]
         if state is not None and self.window is not None:
             state.trim(self.window - 1)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.n_heads * self.head_dim))
+
+    def _forward_static(self, x: torch.Tensor, state: KVCache) -> torch.Tensor:
+        """Continue a static cache: positions come from state.position on the device, the new keys are
+        written there, and the queries attend over the whole buffer, masked to their causal window."""
+        batch, seqlen, _ = x.shape
+        capacity = state.k.shape[2]
+        q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_pos = state.position + torch.arange(seqlen, device=x.device)          # [seqlen]
+        if self.rope:
+            cos, sin = self._rope_table(0, capacity, x.device)
+            cos, sin = cos[q_pos], sin[q_pos]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [b, heads, l, head_dim]
+        state.k.index_copy_(2, q_pos, k.to(state.k.dtype))
+        state.v.index_copy_(2, q_pos, v.to(state.v.dtype))
+        state.position.add_(seqlen)
+        mask = attention_mask(q_pos, torch.arange(capacity, device=x.device), True, self.window)
+        k_all, v_all = state.k.to(q.dtype), state.v.to(q.dtype)
+        if self.backend == "math":
+            out = math_attention(q, k_all, v_all, mask, self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.softmax_scale,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.n_heads * self.head_dim))
 
     def _attend(self, q, k, v, q_pos, k_pos, q_doc, k_doc) -> torch.Tensor:

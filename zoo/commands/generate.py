@@ -1,5 +1,6 @@
 """`zoo generate CHECKPOINT --prompt TEXT [--prompt ...] [--max-new-tokens N] [--temperature T]
-[--top-k K] [--top-p P] [--seed S]`: sample continuations with the recurrent state.
+[--top-k K] [--top-p P] [--seed S] [--cuda-graph auto|on|off]`: sample continuations with the
+recurrent state.
 
 Byte models (vocab 256) read and print UTF-8 text; token models read and print space-separated ids.
 One prompt streams its continuation as it is generated; several prompts are one batch, each
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights dtype")
+    parser.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
+                        help="decode by replaying one CUDA graph per token: auto = when the model is on CUDA "
+                             "and supports it (no MoE layers); on = required (an error otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         out = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=on_token if stream else None)
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=on_token if stream else None,
+                       cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph])
     except ValueError as e:
         print(f"\nzoo generate: error: {e}", file=sys.stderr)
         return 2
