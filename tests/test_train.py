@@ -198,7 +198,7 @@ def test_init_from_reads_hugging_face_checkpoints(tmp_path):
     for key, value in hf.state_dict().items():
         zoo_key = key.replace("backbone.embeddings", "embedding").replace("backbone.norm_f", "norm_f") \
                      .replace("backbone.layers", "layers")
-        assert torch.equal(trainer.raw_model.state_dict()[zoo_key], value), key
+        assert torch.equal(trainer.raw_model.state_dict()[zoo_key].cpu(), value), key
     trainer.fit()
 
 
