@@ -73,6 +73,38 @@ def test_interrupted_sweep_skips_finished_variants(tmp_path):
     assert len(read_csv(os.path.join(out, "results.csv"))) == 2
 
 
+def test_seeds_train_each_variant_per_initialisation_and_report_the_mean(tmp_path):
+    out = str(tmp_path / "sweep")
+    run_sweep(tiny_sweep(seeds=2), out, in_process=True, log=lambda m: None)
+    rows = read_csv(os.path.join(out, "results.csv"))
+    assert [r["variant"] for r in rows] == ["hybrid", "mamba2"]          # one row per variant
+    for r in rows:
+        per_seed = []
+        for seed in (0, 1):
+            run_dir = os.path.join(out, "mqar", r["variant"], f"seed-{seed}")
+            with open(os.path.join(run_dir, "result.json")) as f:
+                per_seed.append(json.load(f)["metric"])
+            with open(os.path.join(run_dir, "sweep_run.yaml")) as f:
+                assert f"seed: {seed}" in f.read()
+        assert int(r["seeds"]) == 2
+        assert float(r["metric"]) == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+        assert r["metric_per_seed"] == " ".join(f"{m:.4f}" for m in per_seed)
+    import torch
+    from safetensors.torch import load_file
+    from zoo.checkpoint import latest_checkpoint
+    final = [load_file(os.path.join(latest_checkpoint(os.path.join(out, "mqar", "hybrid", f"seed-{s}")),
+                                    "model.safetensors")) for s in (0, 1)]
+    assert not torch.equal(final[0]["embedding.weight"], final[1]["embedding.weight"])  # same batches, other inits
+    md = open(os.path.join(out, "results.md")).read()
+    assert "accuracy per seed" in md and "x 2 seeds" in md
+
+
+@pytest.mark.parametrize("seeds", [0, [1, 1], "3", [-1]])
+def test_bad_seeds_name_the_key(seeds):
+    with pytest.raises(ConfigError, match="seeds"):
+        load_sweep(tiny_sweep(seeds=seeds))
+
+
 def test_param_match_picks_the_closest_width_within_two_percent():
     base = {"d_model": 128, "vocab_size": 64, "pattern": "M*M*", "mamba2": {"d_state": 16, "headdim": 16},
             "attention": {"n_heads": 4}}

@@ -13,6 +13,8 @@ A sweep file:
                                   # within param_match_tolerance of the base model's
     param_match_tolerance: 0.02
     jobs: 1                       # variants trained at once (CPU: the number of cores; --jobs overrides)
+    seeds: 1                      # model initialisations per variant (an int N -> seeds 0..N-1, or a list);
+                                  # a task entry may set its own `seeds`
     variants:
       - {name: mamba2, overrides: {pattern: MMMMMMMM}}
       - {name: 1-in-4, overrides: {layers.attention_ratio: 0.25}, trainer: {lr: 3e-3}}
@@ -21,7 +23,12 @@ Variant overrides are dotted model keys (zoo.layout.apply_overrides). A variant'
 change the optimisation (lr, warmup, ...) but not steps, batch_size, grad_accum or seed: every
 variant of a task sees the same batches in the same order, for the same number of tokens.
 
-Each (task, variant) trains in its own process (`python -m zoo.commands.train`), so peak memory is
+With several seeds, each variant trains once per seed (trainer.seed: the model's initialisation; the
+batches stay the same) in OUT/<task>/<variant>/seed-<s>/, and its table row gives the metric's mean
+over seeds and every seed's value: on tasks like MQAR, learning the lookup is a sudden escape from a
+plateau whose timing depends on the initialisation, so one seed can mislead.
+
+Each (task, variant[, seed]) trains in its own process (`python -m zoo.commands.train`), so peak memory is
 its own and a crash is contained; its directory OUT/<task>/<variant>/ is a normal training run
 (run.yaml, metrics, checkpoints, train.log). A variant is finished when its result.json exists; an
 interrupted sweep run again skips finished variants and resumes the unfinished one from its
@@ -46,13 +53,13 @@ import yaml
 from zoo.config import ConfigError, load_model_yaml, read_yaml, resolve_model_path, trainer_from_dict
 
 SWEEP_KEYS = ("name", "description", "model", "task", "tasks", "trainer", "variants", "param_match",
-              "param_match_tolerance", "param_match_multiple", "jobs")
+              "param_match_tolerance", "param_match_multiple", "jobs", "seeds")
 VARIANT_KEYS = ("name", "overrides", "trainer", "description")
 FIXED_TRAINER_KEYS = ("steps", "batch_size", "grad_accum", "seed")
 RESULT_FILE = "result.json"
 RESULT_COLUMNS = ("task", "variant", "layout", "attention_ratio", "d_model", "params_total", "params_active",
                   "tokens", "tokens_per_s", "peak_memory_mb", "final_loss", "eval_loss", "metric_name",
-                  "metric", "wall_s")
+                  "metric", "seeds", "metric_per_seed", "wall_s")
 SEQUENCE_MIXERS = ("mamba", "mamba2", "attention", "bimamba", "bidirectional")
 
 
@@ -90,10 +97,15 @@ def load_sweep(source: str | dict) -> dict:
     for label, spec in tasks.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("task"), dict):
             raise _err(where, f"tasks.{label}: must be {{task: {{name: ..., ...}}, trainer: {{...}}}}")
-        extra = set(spec) - {"task", "trainer"}
+        extra = set(spec) - {"task", "trainer", "seeds"}
         if extra:
-            raise _err(where, f"tasks.{label}.{sorted(extra)[0]}: unknown key; a task entry has task and trainer")
+            raise _err(where, f"tasks.{label}.{sorted(extra)[0]}: unknown key; a task entry has task, trainer "
+                              f"and seeds")
         trainer_from_dict({**base_trainer, **(spec.get("trainer") or {})}, where=f"{where}: tasks.{label}.")
+        if "seed" in (spec.get("trainer") or {}) and "seeds" in spec:
+            raise _err(where, f"tasks.{label}: give trainer.seed or seeds, not both")
+        spec["seeds"] = _seed_list(spec.get("seeds", sweep.get("seeds")), where,
+                                   f"tasks.{label}.seeds" if "seeds" in spec else "seeds")
     jobs = sweep.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise _err(where, f"jobs={jobs!r}: must be an integer >= 1 (variants trained at once)")
@@ -116,6 +128,21 @@ def load_sweep(source: str | dict) -> dict:
                 raise _err(where, f"variants[{i}].trainer.{key}: every variant trains on the same batches "
                                   f"for the same tokens; set {key} in the sweep's trainer instead")
     return sweep
+
+
+def _seed_list(value, where: str, key: str) -> list[int] | None:
+    """`seeds:` as a list of distinct ints (N -> 0..N-1); None when not given (one run, trainer.seed)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise _err(where, f"{key}={value}: must be >= 1 (the number of initialisations per variant)")
+        return list(range(value))
+    if (isinstance(value, list) and value and len(set(value)) == len(value)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        return list(value)
+    raise _err(where, f"{key}={value!r}: give a count (seeds: 3 -> seeds 0, 1, 2) or a list of distinct "
+                      f"integers >= 0 (seeds: [0, 7])")
 
 
 def variant_model(sweep: dict, variant: dict) -> dict:
@@ -195,9 +222,17 @@ def plan(sweep: dict) -> list[dict]:
                                             multiple=sweep.get("param_match_multiple"),
                                             where=f"variant {variant['name']}: ")
             trainer = {**base_trainer, **(spec.get("trainer") or {}), **(variant.get("trainer") or {})}
-            runs.append({"task": label, "variant": str(variant["name"]),
-                         "run": {"model": model, "task": dict(spec["task"]), "trainer": trainer}})
+            for seed in spec.get("seeds") or [None]:
+                run_trainer = trainer if seed is None else {**trainer, "seed": seed}
+                runs.append({"task": label, "variant": str(variant["name"]), "seed": seed,
+                             "run": {"model": model, "task": dict(spec["task"]), "trainer": run_trainer}})
     return runs
+
+
+def run_subdir(r: dict) -> str:
+    """OUT-relative directory of one run: <task>/<variant>, or <task>/<variant>/seed-<s> with seeds."""
+    parts = [r["task"], r["variant"]] + ([f"seed-{r['seed']}"] if r.get("seed") is not None else [])
+    return os.path.join(*parts)
 
 
 def _start_variant(run_dir: str, run_cfg: dict, log_path: str, threads: int | None) -> tuple:
@@ -262,9 +297,9 @@ def run_sweep(source: str | dict, out_dir: str, *, in_process: bool = False, job
     start = time.perf_counter()
     pending = []
     for i, r in enumerate(runs, 1):
-        run_dir = os.path.join(out_dir, r["task"], r["variant"])
+        run_dir = os.path.join(out_dir, run_subdir(r))
         os.makedirs(run_dir, exist_ok=True)
-        tag = f"[{i}/{len(runs)}] {r['task']}/{r['variant']}"
+        tag = f"[{i}/{len(runs)}] {run_subdir(r)}"
         result_path = os.path.join(run_dir, RESULT_FILE)
         if os.path.exists(result_path):
             with open(result_path) as f:
@@ -305,7 +340,7 @@ def run_sweep(source: str | dict, out_dir: str, *, in_process: bool = False, job
                 running.remove(item)
                 proc, fh, i, r, run_dir, tag, log_path, t0 = item
                 record(i, r, run_dir, tag, _finish_variant(proc, fh, run_dir, log_path), t0)
-    rows = [results[i] for i in sorted(results)]
+    rows = aggregate_seeds([results[i] for i in sorted(results)])
     write_results(rows, out_dir)
     write_plots(rows, out_dir)
     log(f"sweep done in {time.perf_counter() - start:.0f} s: {out_dir}/results.md")
@@ -322,7 +357,33 @@ def result_row(r: dict, summary: dict) -> dict:
             "peak_memory_mb": summary["peak_memory_mb"], "final_loss": summary["final_loss"],
             "eval_loss": summary["eval_loss"], "metric_name": summary["metric_name"],
             "metric": summary["metric"], "higher_is_better": summary["higher_is_better"],
-            "wall_s": summary["wall_s"], "device": summary["device"]}
+            "wall_s": summary["wall_s"], "device": summary["device"], "seed": r.get("seed"),
+            "run_dir": run_subdir(r)}
+
+
+def aggregate_seeds(runs: list[dict]) -> list[dict]:
+    """One row per (task, variant): with several seeds, metric, losses, speed and wall time are means,
+    peak memory the largest, `metric_per_seed` every seed's value and `run_dirs` the seeds' runs."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["variant"]), []).append(r)
+    rows = []
+    for group in groups.values():
+        row = {k: v for k, v in group[0].items() if k not in ("seed", "run_dir")}
+
+        def mean(key):
+            vals = [g[key] for g in group if g.get(key) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        for key in ("metric", "final_loss", "eval_loss", "tokens_per_s", "wall_s"):
+            row[key] = mean(key)
+        row["peak_memory_mb"] = max((g["peak_memory_mb"] for g in group if g.get("peak_memory_mb") is not None),
+                                    default=None)
+        row["seeds"] = len(group)
+        row["metric_per_seed"] = " ".join(_fmt(g["metric"]) for g in group)
+        row["run_dirs"] = [g.get("run_dir") or os.path.join(g["task"], g["variant"]) for g in group]
+        rows.append(row)
+    return rows
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -343,16 +404,22 @@ def write_results(rows: list[dict], out_dir: str) -> None:
     for task in dict.fromkeys(r["task"] for r in rows):
         trows = [r for r in rows if r["task"] == task]
         metric = trows[0]["metric_name"]
+        seeds = max(r.get("seeds", 1) for r in trows)
+        mean = " (mean)" if seeds > 1 else ""
+        per_seed = f" {metric} per seed |" if seeds > 1 else ""
         lines += [f"## {task}", "",
-                  f"| variant | layout | attention | params (active) | tokens/s | peak MB | final loss | {metric} |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| variant | layout | attention | params (active) | tokens/s | peak MB | final loss{mean} | "
+                  f"{metric}{mean} |{per_seed}",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if seeds > 1 else "")]
         for r in trows:
             params = f"{r['params_total']:,}" + (f" ({r['params_active']:,})" if r["params_active"] != r["params_total"] else "")
             lines.append(f"| {r['variant']} | `{r['layout']}` | {r['attention_ratio']:.3f} | {params} | "
                          f"{_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_mb'], '.0f')} | "
-                         f"{_fmt(r['final_loss'])} | {_fmt(r['metric'])} |")
+                         f"{_fmt(r['final_loss'])} | {_fmt(r['metric'])} |"
+                         + (f" {r.get('metric_per_seed', '')} |" if seeds > 1 else ""))
         device = trows[0].get("device", "")
-        lines += ["", f"{trows[0]['tokens']:,} training tokens per variant, device {device}.", ""]
+        runs = f" x {seeds} seeds (model initialisations; the same batches)" if seeds > 1 else ""
+        lines += ["", f"{trows[0]['tokens']:,} training tokens per variant{runs}, device {device}.", ""]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -375,10 +442,13 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
     for task in dict.fromkeys(r["task"] for r in rows):
         trows = [r for r in rows if r["task"] == task]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in trows:
-            pts = [(m["tokens"], m["loss"]) for m in _read_metrics(os.path.join(out_dir, task, r["variant"])) if "loss" in m]
-            if pts:
-                ax.plot(*zip(*pts), label=f"{r['variant']} ({r['layout']})", linewidth=1.2)
+        for k, r in enumerate(trows):
+            color = f"C{k % 10}"
+            for j, run_dir in enumerate(r.get("run_dirs") or [os.path.join(task, r["variant"])]):
+                pts = [(m["tokens"], m["loss"]) for m in _read_metrics(os.path.join(out_dir, run_dir)) if "loss" in m]
+                if pts:
+                    ax.plot(*zip(*pts), color=color, linewidth=1.2 if j == 0 else 0.8, alpha=1.0 if j == 0 else 0.6,
+                            label=f"{r['variant']} ({r['layout']})" if j == 0 else None)
         ax.set_xlabel("training tokens")
         ax.set_ylabel("training loss")
         ax.set_title(f"{task}: training loss")
@@ -393,12 +463,16 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
         metric = trows[0]["metric_name"]
         pts = sorted((r["attention_ratio"], r["metric"], r["variant"]) for r in trows if r["metric"] is not None)
         fig, ax = plt.subplots(figsize=(6, 4))
+        for r in trows:                  # every seed as a small dot, the mean as the line
+            vals = [float(v) for v in str(r.get("metric_per_seed") or "").split() if v != "-"]
+            if len(vals) > 1:
+                ax.plot([r["attention_ratio"]] * len(vals), vals, ".", color="gray", alpha=0.7)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
             for x, y, name in pts:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("attention layers / sequence-mixer layers")
-        ax.set_ylabel(f"eval {metric}")
+        ax.set_ylabel(f"eval {metric}" + (" (mean; dots: seeds)" if max(r.get("seeds", 1) for r in trows) > 1 else ""))
         ax.set_title(f"{task}: {metric} against attention ratio")
         ax.grid(alpha=0.3)
         path = os.path.join(out_dir, f"{task}_{metric}_vs_attention.png")
