@@ -144,3 +144,17 @@ def test_attention_ratio_counts_sequence_mixers_only():
 def test_sweep_errors_name_the_key(change, needle):
     with pytest.raises(ConfigError, match=needle):
         load_sweep(tiny_sweep(**change))
+
+
+def test_the_default_sweep_plans_the_documented_runs():
+    """The README's main command: five layouts from Megatron's allocator, MQAR with 2 seeds, bytes once."""
+    import zoo
+    from zoo.ablate import plan
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = plan(load_sweep(os.path.join(root, "configs", "ablations", "attention-ratio.yaml")))
+    layouts = {r["variant"]: "".join("*" if e["type"] == "attention" else "M"
+                                     for e in zoo.load_config(r["run"]["model"])["layout"]) for r in runs}
+    assert layouts == {"mamba2": "MMMMMMMM", "1-in-8": "MMMM*MMM", "1-in-4": "MM*MM*MM",
+                       "1-in-2": "M*M**M*M", "attention": "********"}
+    assert [(r["task"], r["seed"]) for r in runs if r["variant"] == "1-in-4"] == [("mqar", 0), ("mqar", 1),
+                                                                                ("bytes", None)]
