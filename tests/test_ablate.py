@@ -158,3 +158,5 @@ def test_the_default_sweep_plans_the_documented_runs():
                        "1-in-2": "M*M**M*M", "attention": "********"}
     assert [(r["task"], r["seed"]) for r in runs if r["variant"] == "1-in-4"] == [("mqar", 0), ("mqar", 1),
                                                                                 ("bytes", None)]
+    gpu = plan(load_sweep(os.path.join(root, "configs", "ablations", "attention-ratio-gpu.yaml")))
+    assert len(gpu) == 15 and {r["run"]["trainer"]["steps"] for r in gpu} == {3000}
