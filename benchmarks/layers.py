@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from benchmarks.timing import cuda_median_ms  # noqa: E402
 
 # name -> (module, class, kwargs given d_model). Widths follow the usual ratios: attention heads of
 # 64 channels with GQA 4:1 and RoPE, SwiGLU d_ff = 8/3 d rounded to 64, MoE 8 experts top-2 each of
@@ -42,19 +43,7 @@ SIZES = {
 
 
 def _time_cuda(fn, reps: int) -> float:
-    """Median milliseconds of fn over reps, by CUDA events, after warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(fn, reps, warmup=3)
 
 
 def _time_cpu(fn, reps: int) -> float:

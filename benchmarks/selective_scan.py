@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.timing import cuda_median_ms  # noqa: E402
 from kernels.selective_scan import fused  # noqa: E402
 from kernels.selective_scan.reference import selective_scan_ref  # noqa: E402
 
@@ -75,17 +76,7 @@ def time_ms(fn, quick):
 
 
 def time_once(fn, reps=2):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return cuda_median_ms(fn, reps, warmup=1)
 
 
 def copy_bandwidth():
