@@ -4,6 +4,11 @@ Import as `from helpers import rel_err, ...` (tests/ is on sys.path via conftest
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 
@@ -83,3 +88,19 @@ def scramble_mamba(layer, seed: int = 0):
             else:
                 p.copy_(noise * 0.4)
     return layer
+
+
+def measure_under_interpreter(test_file: str, out_dir, timeout: int) -> dict:
+    """Run `python TEST_FILE --worker OUT.json` with TRITON_INTERPRET=1 (Triton kernels on the CPU) in a
+    child process, so the interpreter never touches the rest of the suite; returns what it measured.
+    The repository root goes on the child's path: the parent may import it through pytest's rootdir
+    alone (no installed package)."""
+    path = os.path.join(str(out_dir), "measured.json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.abspath(test_file), "--worker", path], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(path) as f:
+        return json.load(f)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import assert_close, randn, random_seq_idx, rel_err  # noqa: E402
+from helpers import measure_under_interpreter, randn, random_seq_idx, rel_err  # noqa: E402
 
 CONV_CASES = {
     # name: batch, seqlen, dim, width, options
@@ -109,12 +108,7 @@ def measured(tmp_path_factory):
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         return measure_all("cuda")
-    path = tmp_path_factory.mktemp("conv_step") / "measured.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(path.read_text())
+    return measure_under_interpreter(__file__, tmp_path_factory.mktemp("conv_step"), timeout=600)
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import traceback
 
@@ -25,7 +24,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import assert_close, randn, random_seq_idx, rel_err  # noqa: E402
+from helpers import assert_close, randn, random_seq_idx, measure_under_interpreter, rel_err  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -202,16 +201,7 @@ def measure_all() -> dict:
 def measured(tmp_path_factory):
     if torch.cuda.is_available():
         return measure_all()
-    path = tmp_path_factory.mktemp("ssd_triton") / "measured.json"
-    # the repository root on the child's path too: the parent may import it through pytest's rootdir
-    # alone (no installed package)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(path.read_text())
+    return measure_under_interpreter(__file__, tmp_path_factory.mktemp("ssd_triton"), timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------
