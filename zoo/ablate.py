@@ -380,7 +380,8 @@ def aggregate_seeds(runs: list[dict]) -> list[dict]:
         row["peak_memory_mb"] = max((g["peak_memory_mb"] for g in group if g.get("peak_memory_mb") is not None),
                                     default=None)
         row["seeds"] = len(group)
-        row["metric_per_seed"] = " ".join(_fmt(g["metric"]) for g in group)
+        row["metric_values"] = [g["metric"] for g in group]
+        row["metric_per_seed"] = " ".join(_fmt(v) for v in row["metric_values"])
         row["run_dirs"] = [g.get("run_dir") or os.path.join(g["task"], g["variant"]) for g in group]
         rows.append(row)
     return rows
@@ -452,19 +453,14 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
         ax.set_xlabel("training tokens")
         ax.set_ylabel("training loss")
         ax.set_title(f"{task}: training loss")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = os.path.join(out_dir, f"{task}_loss.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, os.path.join(out_dir, f"{task}_loss.png")))
 
         metric = trows[0]["metric_name"]
         pts = sorted((r["attention_ratio"], r["metric"], r["variant"]) for r in trows if r["metric"] is not None)
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in trows:                  # every seed as a small dot, the mean as the line
-            vals = [float(v) for v in str(r.get("metric_per_seed") or "").split() if v != "-"]
+            vals = [v for v in r.get("metric_values") or [] if v is not None]
             if len(vals) > 1:
                 ax.plot([r["attention_ratio"]] * len(vals), vals, ".", color="gray", alpha=0.7)
         if pts:
@@ -474,10 +470,15 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
         ax.set_xlabel("attention layers / sequence-mixer layers")
         ax.set_ylabel(f"eval {metric}" + (" (mean; dots: seeds)" if max(r.get("seeds", 1) for r in trows) > 1 else ""))
         ax.set_title(f"{task}: {metric} against attention ratio")
-        ax.grid(alpha=0.3)
-        path = os.path.join(out_dir, f"{task}_{metric}_vs_attention.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, os.path.join(out_dir, f"{task}_{metric}_vs_attention.png")))
     return written
+
+
+def _save(fig, ax, path: str) -> str:
+    """Grid, tight layout, PNG at `path`, figure closed; returns path."""
+    import matplotlib.pyplot as plt
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
